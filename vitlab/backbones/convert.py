@@ -1,0 +1,136 @@
+"""Load timm ViT / DeiT weights into vitlab's VisionTransformer.
+
+timm keeps the class token's (and sometimes the registers') position
+embedding inside ``pos_embed``; vitlab keeps a position only for the class
+token (``class_pos_embed``) and none for registers. Since a prefix token plus
+its constant position embedding is itself a constant, the conversion folds
+what vitlab has no slot for into the token, which is exact. The patch grid is
+resampled bicubically when the image size or patch grid differs.
+
+Sources accepted by :func:`load_timm_weights`: a local file (``.pth``, ``.bin``,
+``.safetensors``), an http(s) URL (cached by ``torch.hub``), or ``timm:NAME``
+for a timm model's pretrained weights from the hub (needs internet).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vitlab.backbones.vit import VisionTransformer
+from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+log = logging.getLogger(__name__)
+
+_UNSUPPORTED = ("dist_token", "head_dist", "norm_pre", "attn.norm", "mlp.norm")
+
+
+def _infer_prefix_in_pos(n_pos: int, candidates: list[int], old_grid: Optional[tuple[int, int]]) -> int:
+    for k in candidates:
+        n = n_pos - k
+        if old_grid is not None:
+            if n == old_grid[0] * old_grid[1]:
+                return k
+        elif n > 0 and math.isqrt(n) ** 2 == n:
+            return k
+    raise ValueError(f"cannot tell how many of timm's {n_pos} position embeddings belong to prefix tokens; "
+                     "pass old_grid=(h, w) of the source model")
+
+
+def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransformer,
+                     old_grid: Optional[tuple[int, int]] = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Map a timm VisionTransformer state dict onto ``model``.
+
+    Returns (backbone_state, head_state); head_state holds ``fc.weight`` /
+    ``fc.bias`` for :class:`vitlab.heads.ClassificationHead` when the source has
+    a classifier.
+    """
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    bad = sorted(k for k in sd if any(k == u or f".{u}." in f".{k}" for u in _UNSUPPORTED))
+    if bad:
+        raise ValueError(f"this timm checkpoint has parts vitlab's ViT does not model: {bad[:6]}. "
+                         "Distilled DeiT tokens and extra norms are not supported by the plain ViT.")
+    backbone: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith("head."):
+            head["fc." + k[len("head."):]] = v
+        elif k not in ("pos_embed",):
+            backbone[k] = v
+
+    has_cls = "cls_token" in sd
+    R = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    if has_cls != model.has_class_token or R != model.num_registers:
+        raise ValueError(f"source has class_token={has_cls}, {R} registers; the target model has "
+                         f"class_token={model.has_class_token}, {model.num_registers} registers")
+    if "pos_embed" in sd:
+        pos = sd["pos_embed"]
+        k = _infer_prefix_in_pos(pos.shape[1], [int(has_cls) + R, 0], old_grid)
+        prefix_pos, grid_pos = pos[:, :k], pos[:, k:]
+        cls_pos = prefix_pos[:, :1] if (k and has_cls) else None
+        reg_pos = prefix_pos[:, int(has_cls):] if (k and R) else None
+        if reg_pos is not None:                              # vitlab registers carry no position: fold
+            backbone["reg_token"] = backbone["reg_token"] + reg_pos
+        if model.num_pos_prefix:
+            cls_row = cls_pos if cls_pos is not None else torch.zeros_like(grid_pos[:, :1])
+            new_pos = torch.cat([cls_row, grid_pos], dim=1)
+        else:
+            if cls_pos is not None:                          # no class slot in the table: fold
+                backbone["cls_token"] = backbone["cls_token"] + cls_pos
+            new_pos = grid_pos
+        if model.pos_embed is None:
+            raise ValueError("source has position embeddings but the target model was built with pos_embed='none'")
+        backbone["pos_embed"] = resample_abs_pos_embed(new_pos, model.grid, old_grid, model.num_pos_prefix)
+    return backbone, head
+
+
+def _read_state_dict(source: str, cache_dir: Optional[str] = None) -> dict[str, torch.Tensor]:
+    if source.startswith(("http://", "https://")):
+        return torch.hub.load_state_dict_from_url(source, model_dir=cache_dir, map_location="cpu",
+                                                  progress=True, check_hash=False)
+    if source.startswith("timm:"):
+        import timm  # the hub path needs timm and internet
+
+        name = source[len("timm:"):]
+        return timm.create_model(name, pretrained=True).state_dict()
+    path = Path(os.path.expanduser(source))
+    if not path.is_file():
+        raise FileNotFoundError(f"timm weights not found at {path}; give a file path, an http(s) URL "
+                                "or timm:MODEL_NAME")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    return obj
+
+
+def load_timm_weights(model: VisionTransformer, source: str, head: Optional[torch.nn.Module] = None,
+                      old_grid: Optional[tuple[int, int]] = None, cache_dir: Optional[str] = None,
+                      strict: bool = True) -> None:
+    """Load timm ViT/DeiT weights from ``source`` into ``model`` (and its classifier ``head``).
+
+    The head is loaded only when its shape matches (fine-tuning on another
+    number of classes keeps the fresh head, with a log line saying so).
+    """
+    backbone_sd, head_sd = convert_timm_vit(_read_state_dict(source, cache_dir), model, old_grid)
+    missing, unexpected = model.load_state_dict(backbone_sd, strict=False)
+    missing = [k for k in missing if k != "mask_token"]
+    if strict and (missing or unexpected):
+        raise ValueError(f"timm weights do not fit this ViT: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    if head is not None and head_sd:
+        own = head.state_dict()
+        if all(k in own and own[k].shape == v.shape for k, v in head_sd.items()):
+            head.load_state_dict(head_sd, strict=False)
+        else:
+            log.info("timm classifier not loaded: its shape differs from this head (new number of classes)")
+    log.info("loaded timm weights from %s", source)

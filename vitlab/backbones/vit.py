@@ -1,0 +1,323 @@
+"""Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
+
+Reads top to bottom: attention -> block -> the model -> the variant table ->
+factories. Options from later papers:
+
+- class token or global average pooling (``global_pool``),
+- register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024),
+- LayerScale (Touvron et al., CaiT, ICCV 2021),
+- QK-norm (Dehghani et al., "Scaling Vision Transformers to 22B Parameters", 2023),
+- stochastic depth with DeiT's linear rule,
+- learned absolute position embeddings, resampled bicubically to any grid,
+- 2-D axial RoPE (Heo et al., "Rotary Position Embedding for Vision Transformer", 2024),
+- a token mask for masked image modelling: masked patches are replaced by a
+  learned mask token (BEiT / SimMIM / iBOT) when ``use_mask_token``, else
+  dropped (MAE).
+
+Parameter names follow timm's VisionTransformer so converted checkpoints read
+naturally (see ``vitlab.backbones.convert``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers import DropPath, LayerScale, Mlp, PatchEmbed, RotaryEmbedding2D, attention, linear_drop_path_rates
+from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+Features = dict[str, Union[torch.Tensor, list[torch.Tensor]]]
+
+
+# ------------------------------------------------------------------ layers ---
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                num_prefix_tokens: int = 0) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                            # (B, H, T, Dh) each
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q = RotaryEmbedding2D.rotate(q, cos, sin, num_prefix_tokens)
+            k = RotaryEmbedding2D.rotate(k, cos, sin, num_prefix_tokens)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, T, D)                             # (B, T, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale_init: Optional[float] = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, drop)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim, drop)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, rope=None, num_prefix_tokens: int = 0) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+# ------------------------------------------------------------------- model ---
+
+def _pair(x: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+class VisionTransformer(nn.Module):
+    """A plain ViT that returns a dict of named features.
+
+    forward(images (B, C, H, W), mask (B, N) bool, True = masked) -> {
+        "cls": (B, D)            normed class token (if class_token)
+        "registers": (B, R, D)   normed register tokens (if num_registers)
+        "patch": (B, N', D)      normed patch tokens (N' < N when masked tokens were dropped)
+        "patch_2d": (B, D, h, w) the same on the grid (when no token was dropped)
+        "pooled": (B, D)         the image representation chosen by global_pool
+        "prenorm": (B, T, D)     every token before the final norm
+        "grid": (h, w)
+        "ids_keep": (B, N')      kept patch indices (only when tokens were dropped)
+    }
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, tuple[int, int]] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        class_token: bool = True,
+        global_pool: Literal["token", "avg"] = "token",
+        num_registers: int = 0,
+        layer_scale_init: Optional[float] = None,
+        pos_embed: Literal["learned", "none"] = "learned",
+        class_pos_embed: bool = True,
+        rope: bool = False,
+        rope_theta: float = 100.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        use_mask_token: bool = False,
+    ):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+        if pos_embed not in ("learned", "none"):
+            raise ValueError(f"pos_embed must be 'learned' or 'none', got {pos_embed!r}")
+        self.img_size = _pair(img_size)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.global_pool = global_pool
+        self.has_class_token = class_token
+        self.num_registers = num_registers
+        self.num_prefix_tokens = int(class_token) + num_registers
+        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        # Registers never get a position (Darcet et al.); the class token does in the original ViT.
+        self.num_pos_prefix = int(class_token and class_pos_embed)
+        n_pos = self.grid[0] * self.grid[1] + self.num_pos_prefix
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim)) if pos_embed == "learned" else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.rope = RotaryEmbedding2D(embed_dim // num_heads, rope_theta) if rope else None
+
+        dpr = linear_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, int(embed_dim * mlp_ratio), qkv_bias, qk_norm,
+                  drop_rate, attn_drop_rate, dpr[i], layer_scale_init)
+            for i in range(depth)
+        ])
+        # As in timm: with average pooling the final norm moves after the pooling (fc_norm).
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.init_weights()
+
+    # -------------------------------------------------------------- init ---
+    def init_weights(self) -> None:
+        for p in (self.pos_embed, self.reg_token, self.mask_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_linear)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay beyond norms and biases."""
+        return {n for n in ("pos_embed", "cls_token", "reg_token", "mask_token") if getattr(self, n) is not None}
+
+    # ----------------------------------------------------------- forward ---
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add position embeddings to the patches and prepend class and register tokens."""
+        B = x.shape[0]
+        pos = None
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if grid != self.grid:
+                pos = resample_abs_pos_embed(pos, grid, self.grid, self.num_pos_prefix)
+            x = x + pos[:, self.num_pos_prefix:]
+        prefix = []
+        if self.cls_token is not None:
+            cls = self.cls_token
+            if pos is not None and self.num_pos_prefix:
+                cls = cls + pos[:, :1]
+            prefix.append(cls.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Features:
+        x, grid = self.patch_embed(images)                                  # (B, N, D)
+        B, N, D = x.shape
+        ids_keep = None
+        if mask is not None:
+            if mask.shape != (B, N):
+                raise ValueError(f"mask must be (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
+            mask = mask.bool()
+            if self.mask_token is not None:                                # BEiT / SimMIM: replace
+                x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).expand(B, N, D), x)
+        x = self._pos_embed(x, grid)                                        # (B, P + N, D)
+        if mask is not None and self.mask_token is None:                    # MAE: drop
+            n_keep = (~mask).sum(1)
+            if not torch.all(n_keep == n_keep[0]):
+                raise ValueError("dropping masked tokens needs the same number kept in every sample")
+            ids_keep = torch.nonzero(~mask)[:, 1].reshape(B, -1)            # (B, N')
+            P = self.num_prefix_tokens
+            kept = torch.gather(x[:, P:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+            x = torch.cat([x[:, :P], kept], dim=1)
+        x = self.pos_drop(x)
+
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope.angles(grid)                               # (N, Dh/2)
+            if ids_keep is not None:
+                cos, sin = cos[ids_keep].unsqueeze(1), sin[ids_keep].unsqueeze(1)   # (B, 1, N', Dh/2)
+            rope = (cos, sin)
+        for blk in self.blocks:
+            x = blk(x, rope, self.num_prefix_tokens)
+        return self._features(x, grid, ids_keep)
+
+    def _features(self, prenorm: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> Features:
+        P, R = self.num_prefix_tokens, self.num_registers
+        x = self.norm(prenorm)
+        patch = x[:, P:]                                                    # (B, N, D)
+        out: Features = {"prenorm": prenorm, "patch": patch, "grid": grid}
+        if self.has_class_token:
+            out["cls"] = x[:, 0]
+        if R:
+            out["registers"] = x[:, P - R:P]
+        if ids_keep is None:
+            B, N, D = patch.shape
+            out["patch_2d"] = patch.transpose(1, 2).reshape(B, D, grid[0], grid[1])
+        else:
+            out["ids_keep"] = ids_keep
+        if self.global_pool == "token":
+            out["pooled"] = out["cls"]
+        else:
+            out["pooled"] = self.fc_norm(prenorm[:, P:].mean(dim=1))
+        return out
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------ the variants ---
+# name: (width, depth, heads, MLP width), from the paper that introduced the size.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),      # DeiT (Touvron et al. 2021), "DeiT-Ti", 5.7M params at /16
+    "S": (384, 12, 6, 1536),      # DeiT, "DeiT-S", 22.1M at /16
+    "B": (768, 12, 12, 3072),     # ViT (Dosovitskiy et al. 2021), "ViT-Base", 86.6M at /16
+    "L": (1024, 24, 16, 4096),    # ViT, "ViT-Large", 304.3M at /16
+    "H": (1280, 32, 16, 5120),    # ViT, "ViT-Huge", 632.0M at /14
+}
+
+
+def parse_variant(variant: str) -> tuple[str, Optional[int]]:
+    """'B/16' -> ('B', 16); 'S' -> ('S', None)."""
+    m = re.fullmatch(r"(Ti|S|B|L|H)(?:/(\d+))?", variant)
+    if not m:
+        raise ValueError(f"unknown ViT variant {variant!r}; use one of {', '.join(VARIANTS)} "
+                         "with an optional patch size, e.g. 'B/16'")
+    return m.group(1), int(m.group(2)) if m.group(2) else None
+
+
+def vit(variant: str = "B/16", embed_dim: Optional[int] = None, depth: Optional[int] = None,
+        num_heads: Optional[int] = None, mlp_ratio: Optional[float] = None,
+        patch_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+    """Build a ViT from a row of the variant table, e.g. ``vit("S/16", img_size=224)``.
+
+    Explicit ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio`` or ``patch_size``
+    override the row (for small custom models).
+    """
+    size, p = parse_variant(variant)
+    width, d, heads, mlp = VARIANTS[size]
+    return VisionTransformer(
+        patch_size=patch_size or p or 16,
+        embed_dim=embed_dim or width,
+        depth=depth or d,
+        num_heads=num_heads or heads,
+        mlp_ratio=mlp_ratio or mlp / width,
+        **kwargs,
+    )
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return vit("Ti", patch_size=patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return vit("S", patch_size=patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return vit("B", patch_size=patch_size, **kwargs)
+
+
+def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return vit("L", patch_size=patch_size, **kwargs)
+
+
+def vit_huge(patch_size: int = 14, **kwargs) -> VisionTransformer:
+    return vit("H", patch_size=patch_size, **kwargs)

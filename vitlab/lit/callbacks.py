@@ -1,0 +1,176 @@
+"""Callbacks and plugins: run artifacts (metrics.json, curves), DDP agreement check, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file, flushed and renamed: a crash mid-write
+    leaves the previous checkpoint whole, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _scalar(v: Any) -> Optional[float]:
+    if torch.is_tensor(v) and v.numel() == 1:
+        return float(v.item())
+    if isinstance(v, (int, float)):
+        return float(v)
+    return None
+
+
+class RunArtifacts(pl.Callback):
+    """Writes ``metrics.json`` (final metrics, flat keys like ``val/top1``), ``history.json``
+    and ``curves.png`` (train loss per step, val loss and top-1 per epoch) into the run directory."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+        self.steps: list[tuple[int, float]] = []
+        self.epochs: list[dict] = []
+        self.final: dict[str, Any] = {}
+        self._t0 = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None and trainer.is_global_zero:
+            self.steps.append((trainer.global_step, float(loss)))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for k, v in trainer.callback_metrics.items():
+            s = _scalar(v)
+            if s is not None and (k.startswith("val/") or k == "train/loss_epoch"):
+                row[k] = s
+        self.epochs.append(row)
+        self._save_plot()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.epochs and trainer.is_global_zero:
+            s = _scalar(trainer.callback_metrics.get("train/loss_epoch"))
+            if s is not None:
+                self.epochs[-1]["train/loss_epoch"] = s
+
+    def _collect(self, trainer) -> None:
+        for k, v in trainer.callback_metrics.items():
+            s = _scalar(v)
+            if s is not None and not k.endswith("_step"):
+                self.final[k.removesuffix("_epoch")] = s
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._collect(trainer)
+        self.final["train/global_step"] = trainer.global_step
+        self.final["train/epochs"] = trainer.current_epoch
+        self.final["train/seconds"] = round(time.time() - self._t0, 2)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_score is not None:
+            self.final["val/best_top1"] = float(ckpt.best_model_score)
+        self.write(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._collect(trainer)
+        self.write(trainer)
+
+    def write(self, trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.final, indent=2, sort_keys=True))
+        atomic_write_text(self.output_dir / "history.json",
+                          json.dumps({"steps": self.steps, "epochs": self.epochs}, indent=1))
+        self._save_plot()
+
+    def _save_plot(self) -> None:
+        if not self.steps and not self.epochs:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        if self.steps:
+            s, l = zip(*self.steps)
+            axes[0].plot(s, l, lw=0.6, alpha=0.5, label="train loss (step)")
+        ep = [e for e in self.epochs if "val/loss" in e]
+        if ep:
+            axes[0].plot([e["step"] for e in ep], [e["val/loss"] for e in ep], "o-", label="val loss")
+        axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend(), axes[0].grid(alpha=0.3)
+        acc = [e for e in self.epochs if "val/top1" in e]
+        if acc:
+            axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e["val/top1"] for e in acc], "o-", label="val top-1")
+            if "val/top5" in acc[0]:
+                axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e["val/top5"] for e in acc], "s--",
+                             label="val top-5", alpha=0.6)
+        axes[1].set_xlabel("epoch"), axes[1].set_ylabel("accuracy (%)"), axes[1].legend(), axes[1].grid(alpha=0.3)
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / ".curves.png.tmp"
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.output_dir / "curves.png")
+
+
+class DDPAgreement(pl.Callback):
+    """After fit, checks that every rank holds the same weights (a DDP desync shows here).
+
+    Writes ``ddp/world_size`` and ``ddp/max_param_divergence`` (largest absolute
+    difference from rank 0 over all parameters) into the run's metrics and
+    raises if the ranks disagree.
+    """
+
+    def __init__(self, tolerance: float = 0.0):
+        self.tolerance = tolerance
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+            return
+        flat = torch.cat([p.detach().float().flatten() for p in pl_module.parameters()]).cpu()
+        ref = flat.clone()
+        dist.broadcast(ref, src=0)
+        div = torch.tensor([(flat - ref).abs().max().item()])
+        dist.all_reduce(div, op=dist.ReduceOp.MAX)
+        divergence = float(div.item())
+        for cb in trainer.callbacks:
+            if isinstance(cb, RunArtifacts):
+                cb.final["ddp/world_size"] = trainer.world_size
+                cb.final["ddp/max_param_divergence"] = divergence
+                cb.write(trainer)
+        if divergence > self.tolerance:
+            raise RuntimeError(f"DDP ranks disagree after training: max parameter difference {divergence:g}")
+        log.info("DDP: %d ranks hold identical weights", trainer.world_size)

@@ -1,0 +1,51 @@
+"""One function builds every optimizer: parameter groups with and without weight decay."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Literal, Optional, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OptimizerName = Literal["adamw", "sgd"]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters exempt from weight decay.
+
+    Norm weights, biases and other 1-D parameters (LayerScale gammas), plus the
+    names each submodule lists in its ``no_weight_decay()`` (position
+    embeddings, class / register / mask tokens).
+    """
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    for prefix, module in model.named_modules():
+        fn = getattr(module, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    skip = no_weight_decay_names(model)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if n in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+
+
+def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float = 1e-3,
+                    weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                    momentum: float = 0.9, nesterov: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over two groups: decayed weights and everything exempt from decay."""
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
