@@ -30,15 +30,30 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = ("dist_token", "head_dist", "norm_pre", "attn.norm", "mlp.norm")
 
 
-def _infer_prefix_in_pos(n_pos: int, candidates: list[int], old_grid: Optional[tuple[int, int]]) -> int:
+def _infer_prefix_in_pos(n_pos: int, candidates: list[int], old_grid: Optional[tuple[int, int]],
+                         target_grid: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """(how many of timm's position rows belong to prefix tokens, the source's patch grid).
+
+    Without ``old_grid`` the reading must be unambiguous: a square grid, or the target's own grid
+    (a same-size load of a non-square model). Two readings that disagree are refused, never guessed.
+    """
+    if old_grid is not None:
+        for k in candidates:
+            if n_pos - k == old_grid[0] * old_grid[1]:
+                return k, (int(old_grid[0]), int(old_grid[1]))
+        raise ValueError(f"timm's {n_pos} position embeddings do not fit old_grid={tuple(old_grid)} "
+                         f"with {' or '.join(map(str, sorted(set(candidates))))} prefix rows")
+    readings = set()
     for k in candidates:
         n = n_pos - k
-        if old_grid is not None:
-            if n == old_grid[0] * old_grid[1]:
-                return k
-        elif n > 0 and math.isqrt(n) ** 2 == n:
-            return k
-    raise ValueError(f"cannot tell how many of timm's {n_pos} position embeddings belong to prefix tokens; "
+        if n > 0 and math.isqrt(n) ** 2 == n:
+            readings.add((k, (math.isqrt(n), math.isqrt(n))))
+        if n == target_grid[0] * target_grid[1]:
+            readings.add((k, tuple(target_grid)))
+    if len(readings) == 1:
+        return readings.pop()
+    raise ValueError(f"cannot tell how many of timm's {n_pos} position embeddings belong to prefix tokens "
+                     f"or what grid they form ({'ambiguous' if readings else 'not a square grid'}); "
                      "pass old_grid=(h, w) of the source model")
 
 
@@ -71,7 +86,7 @@ def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransform
                          f"class_token={model.has_class_token}, {model.num_registers} registers")
     if "pos_embed" in sd:
         pos = sd["pos_embed"]
-        k = _infer_prefix_in_pos(pos.shape[1], [int(has_cls) + R, 0], old_grid)
+        k, src_grid = _infer_prefix_in_pos(pos.shape[1], [int(has_cls) + R, 0], old_grid, model.grid)
         prefix_pos, grid_pos = pos[:, :k], pos[:, k:]
         cls_pos = prefix_pos[:, :1] if (k and has_cls) else None
         reg_pos = prefix_pos[:, int(has_cls):] if (k and R) else None
@@ -86,14 +101,22 @@ def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransform
             new_pos = grid_pos
         if model.pos_embed is None:
             raise ValueError("source has position embeddings but the target model was built with pos_embed='none'")
-        backbone["pos_embed"] = resample_abs_pos_embed(new_pos, model.grid, old_grid, model.num_pos_prefix)
+        backbone["pos_embed"] = resample_abs_pos_embed(new_pos, model.grid, src_grid, model.num_pos_prefix)
     return backbone, head
+
+
+def _unwrap(obj) -> dict[str, torch.Tensor]:
+    """Training checkpoints (DeiT's, timm's train script) keep the weights under one of these keys."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    return obj
 
 
 def _read_state_dict(source: str, cache_dir: Optional[str] = None) -> dict[str, torch.Tensor]:
     if source.startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(source, model_dir=cache_dir, map_location="cpu",
-                                                  progress=True, check_hash=False)
+        return _unwrap(torch.hub.load_state_dict_from_url(source, model_dir=cache_dir, map_location="cpu",
+                                                          progress=True, check_hash=False, weights_only=True))
     if source.startswith("timm:"):
         import timm  # the hub path needs timm and internet
 
@@ -107,11 +130,7 @@ def _read_state_dict(source: str, cache_dir: Optional[str] = None) -> dict[str, 
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    return obj
+    return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def load_timm_weights(model: VisionTransformer, source: str, head: Optional[torch.nn.Module] = None,

@@ -94,16 +94,20 @@ class CIFAR(ClassificationSource):
         self.root.mkdir(parents=True, exist_ok=True)
         filename = self.url.rsplit("/", 1)[-1]
         archive = self.root / filename
-        try:
-            download_url(self.url, str(self.root), filename=filename, md5=self.md5)
-        except Exception as e:                                   # URLError, RuntimeError("...corrupted")
-            raise DatasetNotFoundError(
-                f"could not download {self.name} from {self.url}: {e}. Offline? Put the extracted "
-                f"{self.folder}/ under {self.root} yourself.") from e
-        if not check_integrity(str(archive), self.md5):
+        if not check_integrity(str(archive), self.md5):          # absent, or a stale/partial earlier download
             archive.unlink(missing_ok=True)
-            raise DatasetNotFoundError(f"{archive} failed its md5 check (expected {self.md5}); it was deleted. "
-                                       "Download it again.")
+            try:
+                # md5 checked below: torchvision raises on a mismatch but leaves the bad file behind
+                download_url(self.url, str(self.root), filename=filename)
+            except Exception as e:                               # URLError, HTTPError, OSError
+                archive.unlink(missing_ok=True)
+                raise DatasetNotFoundError(
+                    f"could not download {self.name} from {self.url}: {e}. Offline? Put the extracted "
+                    f"{self.folder}/ under {self.root} yourself.") from e
+            if not check_integrity(str(archive), self.md5):
+                archive.unlink(missing_ok=True)
+                raise DatasetNotFoundError(f"{archive} from {self.url} failed its md5 check (expected {self.md5}; "
+                                           "corrupted or changed download); it was deleted. Download it again.")
         extract_archive(str(archive), str(self.root))
         if not (self.base_dir / self.train_files[0]).is_file():
             raise DatasetNotFoundError(f"the archive {archive} did not contain {self.folder}/{self.train_files[0]}")

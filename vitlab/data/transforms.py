@@ -8,6 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 TrainAugment = Literal["none", "crop_flip", "rrc_flip"]
+_POLICIES = ("none", "crop_flip", "rrc_flip")
 
 
 def build_transforms(is_train: bool, img_size: int, mean: Sequence[float], std: Sequence[float],
@@ -20,6 +21,8 @@ def build_transforms(is_train: bool, img_size: int, mean: Sequence[float], std: 
     train + ``rrc_flip``: RandomResizedCrop(``rrc_scale``, ``rrc_ratio``) and flip (ImageNet style).
     eval: resize to img_size / eval_crop_ratio, centre crop img_size.
     """
+    if policy not in _POLICIES:                 # checked for eval too, so a config typo fails at once
+        raise ValueError(f"unknown augmentation policy {policy!r}; choose {', '.join(_POLICIES)}")
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     norm = [v2.Normalize(mean=list(mean), std=list(std))]
     flip = [v2.RandomHorizontalFlip(hflip)] if hflip > 0 else []
@@ -32,7 +35,5 @@ def build_transforms(is_train: bool, img_size: int, mean: Sequence[float], std: 
         if crop_padding:
             geo.append(v2.RandomCrop(img_size, padding=crop_padding))
         return v2.Compose(to_float + geo + flip + norm)
-    if policy == "rrc_flip":
-        geo = [v2.RandomResizedCrop(img_size, scale=tuple(rrc_scale), ratio=tuple(rrc_ratio), antialias=True)]
-        return v2.Compose(to_float + geo + flip + norm)
-    raise ValueError(f"unknown augmentation policy {policy!r}; choose none, crop_flip or rrc_flip")
+    geo = [v2.RandomResizedCrop(img_size, scale=tuple(rrc_scale), ratio=tuple(rrc_ratio), antialias=True)]
+    return v2.Compose(to_float + geo + flip + norm)

@@ -20,6 +20,7 @@ Tensors are laid out (B, H, N, Dh) on every backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -37,8 +38,12 @@ _backend: str = os.environ.get("VITLAB_ATTN_BACKEND", "sdpa")
 _logged: set[tuple[str, str]] = set()
 
 
+@functools.lru_cache(maxsize=None)
 def flash_attn_available() -> tuple[bool, str]:
-    """Whether the flash-attn package can be used at all here, and why not."""
+    """Whether the flash-attn package can be used at all here, and why not.
+
+    Cached: ``auto`` asks on every call, and a failed import searches sys.path each time.
+    """
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     try:

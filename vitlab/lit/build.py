@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.callbacks.progress import ProgressBar
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -146,11 +148,17 @@ def _wandb_logged_in() -> bool:
 
 def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str] = None,
                   **overrides: Any) -> pl.Trainer:
+    loggers = _loggers(cfg, wandb_run_id)
     callbacks = [DDPAgreement()]
     for name, ccfg in (cfg.get("callbacks") or {}).items():
         if ccfg is not None:
-            callbacks.append(instantiate(ccfg, _convert_="all"))
-    kwargs = dict(precision=derived.precision, callbacks=callbacks, logger=_loggers(cfg, wandb_run_id) or False,
+            cb = instantiate(ccfg, _convert_="all")
+            if isinstance(cb, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+                continue                   # trainer.enable_progress_bar=false turns the bar off
+            if isinstance(cb, LearningRateMonitor) and not loggers:
+                continue                   # logger=[]: nothing to log the lr to
+            callbacks.append(cb)
+    kwargs = dict(precision=derived.precision, callbacks=callbacks, logger=loggers or False,
                   plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir)
     kwargs.update(overrides)
     return instantiate(cfg.trainer, _convert_="all", **kwargs)

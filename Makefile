@@ -1,0 +1,31 @@
+# The two commands a new machine needs: `make train` and `make test`.
+# Each creates the virtualenv in .venv when it is missing and installs vitlab into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: train test test-fast install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Train the default experiment (a ViT on scikit-learn's digits) into outputs/<date>/<time>/.
+train: $(STAMP)
+	$(VENV)/bin/vitlab-train $(ARGS)
+
+## The whole test suite, slow end-to-end tests included.
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+## Skip the slow end-to-end runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

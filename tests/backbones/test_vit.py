@@ -1,0 +1,397 @@
+"""vitlab's VisionTransformer: the feature dict, variants and their sizes, position handling,
+token masks, stochastic depth, options, gradients and determinism. Tiny models keep it fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab.backbones import VARIANTS, VisionTransformer, vit, vit_base, vit_huge, vit_large, vit_small, vit_tiny
+from vitlab.backbones.vit import parse_variant
+from vitlab.layers import use_backend
+from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+D, DEPTH, HEADS, IMG, PATCH = 32, 2, 2, 32, 8
+GRID = (IMG // PATCH, IMG // PATCH)
+N = GRID[0] * GRID[1]
+
+
+def tiny(**kw) -> VisionTransformer:
+    torch.manual_seed(kw.pop("seed", 0))
+    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS)
+    args.update(kw)
+    m = VisionTransformer(**args)
+    # Weights of unit gain and non-zero tokens, so that every part's effect is visible
+    # (the trunc-normal(0.02) init makes attention nearly uniform and the tokens tiny).
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.normal_(std=mod.in_features ** -0.5)
+                mod.bias.normal_(std=0.1)
+        for p in (m.cls_token, m.reg_token, m.mask_token):
+            if p is not None:
+                p.normal_()
+    return m.eval()
+
+
+def images(B=2, H=IMG, W=IMG, seed=0):
+    return torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# -------------------------------------------------------------- features ---
+
+def test_features_class_token():
+    m = tiny()
+    out = m(images())
+    assert set(out) == {"cls", "patch", "patch_2d", "pooled", "prenorm", "grid"}
+    assert out["cls"].shape == (2, D)
+    assert out["patch"].shape == (2, N, D)
+    assert out["patch_2d"].shape == (2, D, *GRID)
+    assert out["prenorm"].shape == (2, 1 + N, D)
+    assert out["grid"] == GRID
+    assert torch.equal(out["pooled"], out["cls"])
+    # cls / patch are the final-normed tokens; patch_2d is patch on the grid (row-major).
+    normed = F.layer_norm(out["prenorm"], (D,), m.norm.weight, m.norm.bias, eps=1e-6)
+    torch.testing.assert_close(out["cls"], normed[:, 0])
+    torch.testing.assert_close(out["patch"], normed[:, 1:])
+    torch.testing.assert_close(out["patch_2d"][:, :, 1, 2], out["patch"][:, 1 * GRID[1] + 2])
+    assert m.num_prefix_tokens == 1 and m.patch_size == PATCH and m.embed_dim == D
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_features_avg_pool(class_token):
+    m = tiny(global_pool="avg", class_token=class_token)
+    with torch.no_grad():
+        m.fc_norm.weight.normal_()
+        m.fc_norm.bias.normal_()
+    out = m(images())
+    P = int(class_token)
+    assert ("cls" in out) == class_token
+    assert out["pooled"].shape == (2, D) and out["patch"].shape == (2, N, D)
+    assert out["prenorm"].shape == (2, P + N, D)
+    # timm's rule: the average of the patch tokens (prefix tokens excluded), then fc_norm.
+    ref = F.layer_norm(out["prenorm"][:, P:].mean(1), (D,), m.fc_norm.weight, m.fc_norm.bias, eps=1e-6)
+    torch.testing.assert_close(out["pooled"], ref)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize("R", [1, 4])
+def test_registers(R, class_token):
+    m = tiny(num_registers=R, class_token=class_token, global_pool="token" if class_token else "avg")
+    assert m.num_prefix_tokens == R + int(class_token)
+    assert m.reg_token.shape == (1, R, D)
+    # Registers get no position (Darcet et al.): the table has only the class token's row and the grid.
+    assert m.pos_embed.shape == (1, int(class_token) + N, D)
+    out = m(images())
+    P = R + int(class_token)
+    assert out["registers"].shape == (2, R, D)
+    assert out["patch"].shape == (2, N, D) and out["prenorm"].shape == (2, P + N, D)
+    normed = m.norm(out["prenorm"])
+    torch.testing.assert_close(out["registers"], normed[:, P - R:P])
+    torch.testing.assert_close(out["patch"], normed[:, P:])
+    # The registers really take part: changing them changes the patch features.
+    with torch.no_grad():
+        m.reg_token.add_(torch.randn_like(m.reg_token))    # (a constant shift would be normed away)
+    assert not torch.allclose(m(images())["patch"], out["patch"], atol=1e-4)
+
+
+def test_no_registers_key_without_registers():
+    assert "registers" not in tiny()(images())
+
+
+def test_invalid_options():
+    with pytest.raises(ValueError, match="global_pool"):
+        tiny(global_pool="max")
+    with pytest.raises(ValueError, match="class_token"):
+        tiny(class_token=False, global_pool="token")
+    with pytest.raises(ValueError, match="pos_embed"):
+        tiny(pos_embed="sincos")
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(embed_dim=30, num_heads=4)
+
+
+# ------------------------------------------------------- variants & sizes ---
+
+def test_variant_table_and_factories():
+    assert set(VARIANTS) == {"Ti", "S", "B", "L", "H"}
+    assert parse_variant("B/16") == ("B", 16) and parse_variant("S") == ("S", None)
+    with pytest.raises(ValueError, match="unknown ViT variant"):
+        parse_variant("XL/16")
+    with torch.device("meta"):
+        for fn, (w, d, h, mlp), p in [(vit_tiny, VARIANTS["Ti"], 16), (vit_small, VARIANTS["S"], 16),
+                                      (vit_base, VARIANTS["B"], 16), (vit_large, VARIANTS["L"], 16),
+                                      (vit_huge, VARIANTS["H"], 14)]:
+            m = fn(img_size=224)
+            assert (m.embed_dim, m.depth, m.patch_size) == (w, d, p)
+            assert m.blocks[0].attn.num_heads == h and m.blocks[0].mlp.fc1.out_features == mlp
+        assert vit("B/32").patch_size == 32
+        small = vit("Ti/8", embed_dim=64, depth=2, num_heads=4, img_size=32)
+        assert (small.embed_dim, small.depth, small.patch_size, small.grid) == (64, 2, 8, (4, 4))
+        assert small.blocks[0].mlp.fc1.out_features == 256                     # the row's MLP ratio, 4
+
+
+TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224",
+              "B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224"}
+
+
+@pytest.mark.parametrize("variant", list(TIMM_NAMES))
+def test_parameter_count_matches_timm(variant):
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ours = vit(variant, img_size=224)
+        ref = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=1000)
+    assert n_params(ours) + ours.embed_dim * 1000 + 1000 == n_params(ref)
+
+
+def test_parameter_count_huge_matches_timm_backbone():
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ours = vit("H/14", img_size=224)
+        ref = timm.create_model("vit_huge_patch14_224", pretrained=False, num_classes=0)
+    assert n_params(ours) == n_params(ref)
+
+
+@pytest.mark.parametrize("variant,millions", [("Ti/16", 5.7), ("S/16", 22.1), ("B/16", 86.6),
+                                              ("L/16", 304.3), ("H/14", 632.0)])
+def test_parameter_counts_of_the_papers(variant, millions):
+    """The sizes reported by DeiT (Ti, S) and ViT (B, L, H) for 224 px and 1000 classes."""
+    with torch.device("meta"):
+        m = vit(variant, img_size=224)
+    assert round((n_params(m) + m.embed_dim * 1000 + 1000) / 1e6, 1) == millions
+
+
+# --------------------------------------------------------- position info ---
+
+def test_pos_embed_interpolates_to_a_new_grid():
+    m = tiny()
+    out = m(images(H=48, W=40))
+    assert out["grid"] == (6, 5)
+    assert out["patch_2d"].shape == (2, D, 6, 5) and out["patch"].shape == (2, 30, D)
+    assert m.pos_embed.shape == (1, 1 + N, D)                                  # the stored table is untouched
+    # Same as a model built for 48x40 whose table was resampled once, up front.
+    m2 = tiny(img_size=(48, 40))
+    sd = dict(m.state_dict())
+    sd["pos_embed"] = resample_abs_pos_embed(m.pos_embed.detach(), (6, 5), GRID, num_prefix_tokens=1)
+    m2.load_state_dict(sd)
+    torch.testing.assert_close(m2(images(H=48, W=40))["patch"], out["patch"])
+
+
+def test_pos_embed_is_used():
+    m = tiny()
+    base = m(images())["patch"]
+    with torch.no_grad():
+        m.pos_embed.add_(torch.randn_like(m.pos_embed))
+    assert not torch.allclose(m(images())["patch"], base, atol=1e-4)
+
+
+def test_no_pos_embed():
+    m = tiny(pos_embed="none")
+    assert m.pos_embed is None
+    assert m(images(H=24, W=40))["patch_2d"].shape == (2, D, 3, 5)
+
+
+def test_rope_model_runs_on_another_grid():
+    m = tiny(rope=True, pos_embed="none")
+    assert m.rope is not None and m.rope.head_dim == D // HEADS
+    out = m(images(H=40, W=24))
+    assert out["patch_2d"].shape == (2, D, 5, 3)
+    # RoPE changes the result (it is applied): compare with the same weights without it.
+    base = m(images())["patch"]
+    m.rope = None
+    assert not torch.allclose(m(images())["patch"], base, atol=1e-4)
+
+
+def test_rope_is_relative_at_model_level():
+    """With RoPE only (no absolute table, no class token), patch features of an image region do not
+    depend on where the region sits: a 2x2-patch crop run alone equals those 4 tokens kept (MAE-style)
+    from the full image, although their grid positions there start at (1, 1)."""
+    m = tiny(rope=True, pos_embed="none", class_token=False, global_pool="avg")
+    x = images(B=1)
+    mask = torch.ones(1, N, dtype=torch.bool)
+    keep = [1 * 4 + 1, 1 * 4 + 2, 2 * 4 + 1, 2 * 4 + 2]
+    mask[0, keep] = False
+    kept = m(x, mask=mask)
+    crop = m(x[:, :, 8:24, 8:24])
+    assert kept["ids_keep"].tolist() == [keep]
+    torch.testing.assert_close(kept["patch"], crop["patch"], atol=1e-5, rtol=1e-5)
+    # Not true without RoPE's relative positions (absolute positions differ between the two runs).
+    m_abs = tiny(class_token=False, global_pool="avg")
+    assert not torch.allclose(m_abs(x, mask=mask)["patch"], m_abs(x[:, :, 8:24, 8:24])["patch"], atol=1e-3)
+
+
+def test_rope_with_dropped_tokens_per_sample():
+    """Per-sample kept positions: each sample of a batch equals that sample run alone."""
+    m = tiny(rope=True)
+    x = images(B=3)
+    g = torch.Generator().manual_seed(5)
+    mask = torch.stack([torch.randperm(N, generator=g) < 10 for _ in range(3)])   # 10 masked, 6 kept each
+    out = m(x, mask=mask)
+    assert out["patch"].shape == (3, 6, D)
+    for b in range(3):
+        alone = m(x[b:b + 1], mask=mask[b:b + 1])
+        torch.testing.assert_close(out["patch"][b:b + 1], alone["patch"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["cls"][b:b + 1], alone["cls"], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ masks ---
+
+def _mask(B=2, n_masked=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g) < n_masked for _ in range(B)])
+
+
+def test_mask_token_replaces_masked_patches():
+    m = tiny(use_mask_token=True)
+    assert m.mask_token.shape == (1, 1, D)
+    x, mask = images(), _mask()
+    full = m(x)
+    masked = m(x, mask=mask)
+    assert masked["patch"].shape == (2, N, D) and masked["patch_2d"].shape == (2, D, *GRID)
+    assert "ids_keep" not in masked
+    diff = (masked["patch"] - full["patch"]).abs().amax(-1)                   # (B, N)
+    assert (diff[mask] > 1e-3).all()
+    # An all-False mask is the same as no mask.
+    torch.testing.assert_close(m(x, mask=torch.zeros(2, N, dtype=torch.bool))["patch"], full["patch"])
+    # Masked patches no longer depend on their pixels: perturbing a masked patch changes nothing.
+    one = torch.zeros(1, N, dtype=torch.bool)
+    one[0, 5] = True                                                          # grid (1, 1): pixels 8:16, 8:16
+    x2 = x[:1].clone()
+    x2[:, :, 8:16, 8:16] += 10.0
+    torch.testing.assert_close(m(x2, mask=one)["patch"], m(x[:1], mask=one)["patch"])
+    assert not torch.allclose(m(x2)["patch"], m(x[:1])["patch"])
+
+
+def test_mask_without_mask_token_drops_tokens():
+    m = tiny()
+    x, mask = images(), _mask(n_masked=6)
+    out = m(x, mask=mask)
+    assert out["patch"].shape == (2, N - 6, D)
+    assert out["prenorm"].shape == (2, 1 + N - 6, D)
+    assert "patch_2d" not in out
+    ids = out["ids_keep"]
+    assert ids.shape == (2, N - 6)
+    for b in range(2):
+        assert ids[b].tolist() == torch.nonzero(~mask[b]).flatten().tolist()
+
+
+def test_dropped_tokens_keep_their_own_positions():
+    """With no blocks, each kept token's feature is that of the full run: the right patch and position."""
+    m = tiny(depth=0)
+    x, mask = images(), _mask(n_masked=9)
+    full, kept = m(x), m(x, mask=mask)
+    ids = kept["ids_keep"]
+    torch.testing.assert_close(kept["patch"], torch.gather(full["patch"], 1, ids.unsqueeze(-1).expand(-1, -1, D)))
+    torch.testing.assert_close(kept["cls"], full["cls"])
+
+
+def test_mask_errors():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"mask must be \(B, N\) = \(2, 16\), got \(2, 15\)"):
+        m(images(), mask=torch.zeros(2, 15, dtype=torch.bool))
+    uneven = torch.zeros(2, N, dtype=torch.bool)
+    uneven[0, :3] = True
+    uneven[1, :5] = True
+    with pytest.raises(ValueError, match="same number"):
+        m(images(), mask=uneven)
+
+
+# ----------------------------------------------------- options & training ---
+
+def test_stochastic_depth_rates_increase_linearly():
+    m = tiny(depth=5, drop_path_rate=0.2)
+    rates = [(b.drop_path1.p, b.drop_path2.p) for b in m.blocks]
+    for i, (p1, p2) in enumerate(rates):
+        assert p1 == p2
+        assert p1 == pytest.approx(0.2 * i / 4)
+    assert rates[0][0] == 0.0 and rates[-1][0] == pytest.approx(0.2)
+
+
+def test_qk_norm_and_layer_scale_parameters():
+    m = tiny(qk_norm=True, layer_scale_init=0.1)
+    names = dict(m.named_parameters())
+    for i in range(DEPTH):
+        for n in ("attn.q_norm.weight", "attn.q_norm.bias", "attn.k_norm.weight", "attn.k_norm.bias"):
+            assert names[f"blocks.{i}.{n}"].shape == (D // HEADS,)
+        for n in ("ls1.gamma", "ls2.gamma"):
+            torch.testing.assert_close(names[f"blocks.{i}.{n}"].detach(), torch.full((D,), 0.1))
+    plain = dict(tiny().named_parameters())
+    assert not any("q_norm" in n or "gamma" in n for n in plain)
+    # They act: QK-norm changes the attention, LayerScale scales the residual branches.
+    x = images()
+    base = m(x)["patch"]
+    with torch.no_grad():
+        m.blocks[0].attn.q_norm.weight.mul_(3.0)
+    assert not torch.allclose(m(x)["patch"], base, atol=1e-4)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.ls1.gamma.zero_()
+            b.ls2.gamma.zero_()
+    # Zero LayerScale: every block is the identity, so prenorm is the embedded input.
+    m0 = tiny(depth=0)
+    m0.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("blocks.")})
+    torch.testing.assert_close(m(x)["prenorm"], m0(x)["prenorm"])
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_registers=2, qk_norm=True, layer_scale_init=1e-2),
+                                dict(global_pool="avg", rope=True)])
+def test_backward_reaches_every_parameter(kw):
+    m = tiny(**kw).train()
+    out = m(images())
+    loss = out["pooled"].pow(2).sum() + out["patch"].mean()
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert m.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_backward_through_mask_token():
+    m = tiny(use_mask_token=True).train()
+    m(images(), mask=_mask())["patch"].sum().backward()
+    assert m.mask_token.grad is not None and m.mask_token.grad.abs().sum() > 0
+
+
+def test_eval_is_deterministic_train_is_stochastic():
+    m = tiny(drop_path_rate=0.5, drop_rate=0.1, attn_drop_rate=0.1)
+    x = images(B=4)
+    a, b = m(x), m(x)
+    for k in ("cls", "patch", "pooled", "prenorm"):
+        assert torch.equal(a[k], b[k]), k
+    m.train()
+    torch.manual_seed(0)
+    c = m(x)["patch"]
+    torch.manual_seed(1)
+    assert not torch.allclose(c, m(x)["patch"])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_blocks_route_through_the_attention_switch(backend):
+    m = tiny(num_registers=1, rope=True)
+    x = images()
+    with use_backend("math"):
+        ref = m(x)
+    with use_backend(backend):
+        out = m(x)
+    torch.testing.assert_close(out["patch"], ref["patch"], atol=1e-5, rtol=1e-5)
+
+
+def test_no_weight_decay_names():
+    assert tiny().no_weight_decay() == {"pos_embed", "cls_token"}
+    assert tiny(num_registers=2, use_mask_token=True).no_weight_decay() == {
+        "pos_embed", "cls_token", "reg_token", "mask_token"}
+    assert tiny(pos_embed="none", class_token=False, global_pool="avg").no_weight_decay() == set()
+
+
+def test_init():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=2, num_heads=4)
+    lin = m.blocks[0].mlp.fc1
+    assert lin.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    assert m.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
+    assert m.cls_token.abs().max() < 1e-4
