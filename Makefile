@@ -17,7 +17,7 @@ install: $(STAMP)
 
 ## Train the default experiment (a ViT on scikit-learn's digits) into outputs/<date>/<time>/.
 train: $(STAMP)
-	$(VENV)/bin/vitlab-train $(ARGS)
+	$(VENV)/bin/vitlab-train experiment=digits_vit $(ARGS)
 
 ## The whole test suite, slow end-to-end tests included.
 test: $(STAMP)

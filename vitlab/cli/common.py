@@ -33,6 +33,9 @@ def _keys_at(cfg: DictConfig, dotted: str) -> Optional[list[str]]:
 def explain_composition_error(err: Exception, config_name: str, overrides: Sequence[str]) -> str:
     """Turn Hydra's composition errors into a message naming the problem and the valid choices."""
     text = str(err)
+    cause = err.__cause__ or err.__context__
+    if cause is not None:
+        text += "\n" + str(cause)
     m = re.search(r"Key '([^']+)' is not in struct\s+full_key: ([\w.\-\[\]]+)", text) or \
         re.search(r"Could not override '([\w.\-]+)'", text)
     if m and "not in struct" in text:

@@ -38,8 +38,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = run.trainer
     if trainer.is_global_zero:
         log.info("%s", run.derived.describe())
-        print(f"[vitlab] {run.derived.describe()}", flush=True)
-        print(f"[vitlab] run directory: {out}", flush=True)
+        log.info("run directory: %s", out)
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     if cfg.run_test and run.source.has_split("test"):

@@ -1,0 +1,173 @@
+"""Every experiment and every group option composes and instantiates; bad input stops with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, run_cli
+from vitlab.cli.common import validate_command_line
+from vitlab.lit.build import build_recipe, build_source, derive
+
+GROUPS = ["backbone", "task", "data", "recipe", "optim", "sched", "trainer", "logger", "callbacks", "paths",
+          "experiment", "debug"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+def test_train_defaults_cover_every_group():
+    defaults = OmegaConf.load(CONF / "train.yaml").defaults
+    named = {next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d)}
+    assert set(GROUPS) <= named
+    for g in GROUPS:
+        assert options(g), f"conf/{g}/ has no options"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_builds(experiment, tmp_path, cifar_subset):
+    cfg = compose_train(f"experiment={experiment}", f"paths.output_dir={tmp_path}")
+    if cfg.data.root is not None:
+        cfg.data.root = str(cifar_subset)
+    source = build_source(cfg)
+    recipe = build_recipe(cfg, source.num_classes, source.in_chans)
+    x = torch.randn(2, source.in_chans, cfg.data.img_size, cfg.data.img_size)
+    assert recipe(x).shape == (2, source.num_classes)
+    d = derive(cfg, recipe)
+    assert d.global_batch == cfg.data.batch_size
+    # experiments only override: the file is a `# @package _global_` file
+    assert (CONF / "experiment" / f"{experiment}.yaml").read_text().lstrip().startswith("# @package _global_")
+
+
+@pytest.mark.parametrize("option", options("backbone"))
+def test_every_backbone_option_instantiates(option):
+    cfg = compose_train(f"backbone={option}", "data.img_size=224")
+    with torch.device("meta"):                   # counts and shapes without allocating ViT-H
+        recipe = build_recipe(cfg, num_classes=1000, in_chans=3)
+    n = sum(p.numel() for p in recipe.parameters())
+    expected = {"vit_tiny": 5.7, "deit_tiny": 5.7, "vit_small": 22.1, "deit_small": 22.1, "vit_base": 86.6,
+                "deit_base": 86.6, "vit": 22.1, "vit_large": 304.3, "vit_huge": 632.0}[option]
+    assert round(n / 1e6, 1) == expected
+
+
+@pytest.mark.parametrize("group", ["task", "recipe", "optim", "sched"])
+def test_every_model_group_option_instantiates(group):
+    for option in options(group):
+        cfg = compose_train(f"{group}={option}")
+        recipe = build_recipe(cfg, num_classes=10, in_chans=1)
+        opt = instantiate(cfg.optim, lr=1e-3, _convert_="all")(recipe)
+        if group == "sched" or cfg.get("sched"):
+            sched = instantiate(cfg.sched, _convert_="all")(opt, total_steps=100, steps_per_epoch=10)
+            assert sched.get_last_lr()[0] > 0
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_option_instantiates(option, tmp_path):
+    cfg = compose_train(f"data={option}", f"data.root={tmp_path}")
+    source = build_source(cfg, check=False)
+    assert source.has_split("train") or option != "digits"
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_every_trainer_option_instantiates(option, tmp_path):
+    from vitlab.lit.build import build_trainer
+
+    cfg = compose_train(f"trainer={option}", f"paths.output_dir={tmp_path}", "logger=csv")
+    if option == "gpu" and not torch.cuda.is_available():
+        pytest.skip("trainer=gpu needs a CUDA device")
+    recipe = build_recipe(cfg, 10, 1)
+    trainer = build_trainer(cfg, derive(cfg, recipe))
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("option", options("logger") + ["callbacks"])
+def test_every_logger_and_callback_option_instantiates(option, tmp_path, monkeypatch):
+    from vitlab.lit.build import build_trainer
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    overrides = [f"paths.output_dir={tmp_path}"] + ([f"logger={option}"] if option != "callbacks" else [])
+    cfg = compose_train(*overrides)
+    trainer = build_trainer(cfg, derive(cfg, build_recipe(cfg, 10, 1)))
+    assert trainer.loggers
+    assert trainer.checkpoint_callback is not None and trainer.checkpoint_callback.monitor == "val/top1"
+
+
+@pytest.mark.parametrize("option", options("debug"))
+def test_every_debug_option_composes(option):
+    cfg = compose_train(f"debug={option}")
+    assert cfg.trainer.max_epochs >= 1
+
+
+def test_derived_numbers_are_computed_and_described():
+    cfg = compose_train("trainer.devices=4", "trainer.num_nodes=2", "trainer.accumulate_grad_batches=3",
+                        "data.batch_size=16", "optim.lr=1e-3", "trainer.accelerator=cpu")
+    d = derive(cfg, build_recipe(cfg, 10, 1))
+    assert d.global_batch == 16 * 4 * 2 * 3
+    assert d.lr == pytest.approx(1e-3 * 384 / 256)
+    text = d.describe()
+    assert "global batch = 384" in text and "x accumulation 3" in text and "0.0015" in text
+    cfg = compose_train("recipe.lr_scaling=sqrt", "data.batch_size=64", "optim.lr=1e-3")
+    assert derive(cfg, build_recipe(cfg, 10, 1)).lr == pytest.approx(1e-3 * (64 / 256) ** 0.5)
+
+
+# ------------------------------------------------------------ bad input ---
+
+def _error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        validate_command_line("train", list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_wrong_group_option_names_valid_choices(capsys):
+    err = _error(capsys, "backbone=vit_tinyy")
+    assert "'vit_tinyy' is not an option of the config group 'backbone'" in err
+    assert "Did you mean vit_tiny" in err
+    for option in options("backbone"):
+        assert option in err
+
+
+def test_unknown_key_names_valid_keys(capsys):
+    err = _error(capsys, "optim.lrr=0.1")
+    assert "unknown config key 'optim.lrr'" in err and "Did you mean 'optim.lr'" in err
+    assert "weight_decay" in err                      # lists the valid keys
+    err = _error(capsys, "data.augment.paddin=3")
+    assert "'data.augment.crop_padding'" in err
+
+
+def test_valid_command_line_passes():
+    validate_command_line("train", ["backbone=vit_small", "optim.lr=1e-3", "trainer.max_epochs=1"])
+
+
+def test_missing_dataset_is_reported_before_any_work(tmp_path):
+    from vitlab.data import DatasetNotFoundError
+
+    cfg = compose_train("data=cifar10", f"data.root={tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetNotFoundError, match="cifar10 not found.*data.root"):
+        build_source(cfg)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["backbone=nope"], "is not an option of the config group 'backbone'"),
+    (["trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch'"),
+    (["data=cifar10", "data.root=/nonexistent/cifar"], "cifar10 not found"),
+])
+def test_cli_stops_with_exit_code_2_and_message(args, expected, tmp_path):
+    p = run_cli("vitlab.cli.train", *args, f"paths.output_dir={tmp_path}", timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "checkpoints").exists()    # stopped before any work
