@@ -55,12 +55,17 @@ def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int) -> Recipe:
 # -------------------------------------------------------- derived numbers ---
 
 def _num_devices(devices: Any, accelerator: str) -> int:
+    """How many devices Lightning will use for ``devices`` (int, list of ids, "0,1", "2", "auto", -1)."""
+    if OmegaConf.is_config(devices):
+        devices = OmegaConf.to_container(devices)
     if isinstance(devices, int) and devices > 0:
         return devices
     if isinstance(devices, (list, tuple)):
         return len(devices)
-    if isinstance(devices, str) and devices.isdigit():
+    if isinstance(devices, str) and devices.strip().isdigit():
         return int(devices)
+    if isinstance(devices, str) and "," in devices:          # Lightning reads "0,1" as the device ids [0, 1]
+        return len([d for d in devices.split(",") if d.strip()])
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return torch.cuda.device_count()
     return 1

@@ -18,13 +18,40 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 log = logging.getLogger(__name__)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)              # the only way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _mkstemp_like_open(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` with the permissions ``open(path, 'w')`` would give it
+    (mkstemp's own 0600 would hide metrics and checkpoints from the rest of a lab group)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = _mkstemp_like_open(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _mkstemp_like_open(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -64,8 +91,14 @@ class RunArtifacts(pl.Callback):
         self.epochs: list[dict] = []
         self.final: dict[str, Any] = {}
         self._t0 = time.time()
+        self._epoch_t0 = time.time()
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_t0, self._images = time.time(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch["image"]) * trainer.world_size
         loss = trainer.callback_metrics.get("train/loss_step")
         if loss is not None and trainer.is_global_zero:
             self.steps.append((trainer.global_step, float(loss)))
@@ -78,8 +111,16 @@ class RunArtifacts(pl.Callback):
             s = _scalar(v)
             if s is not None and (k.startswith("val/") or k == "train/loss_epoch"):
                 row[k] = s
+        seconds = time.time() - self._epoch_t0
+        row["images_per_s"] = self._images / max(seconds, 1e-9)
         self.epochs.append(row)
         self._save_plot()
+        # One line per epoch, also when the progress bar is off (logs of batch jobs).
+        left = (trainer.max_epochs - trainer.current_epoch - 1) if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val/"))
+        log.info("epoch %d/%s  %s  %.0f img/s  %.1fs/epoch  ETA %s", trainer.current_epoch + 1,
+                 trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?", shown,
+                 row["images_per_s"], seconds, time.strftime("%H:%M:%S", time.gmtime(left * seconds)))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.epochs and trainer.is_global_zero:
@@ -173,4 +214,5 @@ class DDPAgreement(pl.Callback):
                 cb.write(trainer)
         if divergence > self.tolerance:
             raise RuntimeError(f"DDP ranks disagree after training: max parameter difference {divergence:g}")
-        log.info("DDP: %d ranks hold identical weights", trainer.world_size)
+        if trainer.is_global_zero:
+            log.info("DDP: %d ranks hold identical weights", trainer.world_size)

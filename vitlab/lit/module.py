@@ -71,7 +71,7 @@ class VitlabModule(pl.LightningModule):
                 "Lower optim.lr, raise sched.warmup_epochs, keep trainer.gradient_clip_val set, or train in "
                 "precision=32; resume from checkpoints/last.ckpt with ckpt_path=... once fixed.")
         bs = batch["image"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for k, v in out.items():
             if k not in ("loss", "logits", "target") and torch.is_tensor(v) and v.ndim == 0:
                 self.log(f"train/{k}", v, on_step=True, on_epoch=True, batch_size=bs)
