@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -28,3 +32,47 @@ def cifar_subset() -> Path:
     if not (root / "cifar-10-batches-py" / "data_batch_1").is_file():
         pytest.skip(f"the shared CIFAR-10 subset is not at {root} (set VITLAB_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tests use tiny tensors: one intra-op thread is fastest, and it stays fast when the CPU is shared
+    (OpenMP workers spinning against other processes make each small op ~100x slower).
+    Subprocess runs (tests/e2e) are unaffected."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass                      # clients that hang up early (a redirect probe reads headers only) are fine
+
+
+@pytest.fixture
+def http_serve(monkeypatch):
+    """``http_serve(folder) -> base url``: serve a folder on 127.0.0.1 from a background thread; shut down after."""
+    for var in ("no_proxy", "NO_PROXY"):                 # never send the local requests through a proxy
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    servers = []
+
+    def start(folder: Path) -> str:
+        server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import logging
-import threading
 
 import pytest
 import torch
@@ -231,27 +228,11 @@ def test_missing_file_is_a_helpful_error(tmp_path):
 
 
 @pytest.fixture
-def http_dir(tmp_path, monkeypatch):
-    """Serve tmp_path/'srv' on 127.0.0.1 from a background thread; yields (dir, base URL)."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+def http_dir(tmp_path, http_serve):
+    """Serve tmp_path/'srv' on 127.0.0.1 (the shared http_serve fixture); yields (dir, base URL)."""
     root = tmp_path / "srv"
     root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    return root, http_serve(root)
 
 
 @pytest.mark.parametrize("wrap", [None, "model"], ids=["plain", "wrapped"])

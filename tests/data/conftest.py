@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
-import os
 import pickle
 import socket
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("VITLAB_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+from tests.conftest import SHARED_DATA
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -106,39 +101,6 @@ def fake_cifar10_archive(tmp_path: Path) -> dict:
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     return {"dir": serve, "archive": archive, "md5": md5, **arrays}
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-class _QuietServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:
-        pass                      # clients that hang up early (a redirect probe reads headers only) are fine
-
-
-@pytest.fixture
-def http_serve(monkeypatch):
-    """``http_serve(folder) -> base url``: serve a folder on 127.0.0.1 from a background thread; shut down after."""
-    for var in ("no_proxy", "NO_PROXY"):                 # never send the local requests through a proxy
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    servers = []
-
-    def start(folder: Path) -> str:
-        server = _QuietServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

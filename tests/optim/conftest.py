@@ -17,14 +17,6 @@ VIT_OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one intra-op thread is fastest and stays fast on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 def _make_model(**vit_kwargs) -> Supervised:
     torch.manual_seed(0)

@@ -24,7 +24,6 @@ import re
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers import DropPath, LayerScale, Mlp, PatchEmbed, RotaryEmbedding2D, attention, linear_drop_path_rates

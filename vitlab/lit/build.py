@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitlab.data import ClassificationSource
 from vitlab.layers.attention import set_backend as set_attention_backend
-from vitlab.lit.callbacks import AtomicCheckpointIO, DDPAgreement, RunArtifacts
+from vitlab.lit.callbacks import AtomicCheckpointIO, DDPAgreement
 from vitlab.lit.datamodule import VitlabDataModule
 from vitlab.lit.module import VitlabModule
 from vitlab.recipes import Recipe

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
