@@ -170,3 +170,25 @@ def test_cli_stops_with_exit_code_2_and_message(args, expected, tmp_path):
     assert expected in p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "checkpoints").exists()    # stopped before any work
+
+
+def test_weights_key_loads_timm_weights_into_the_built_model(tmp_path):
+    """`weights=FILE` starts the run from a timm ViT state dict; logits then match timm's."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10,
+                                                           embed_dim=96, depth=2, num_heads=3).eval()
+    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+    cfg = compose_train("experiment=digits_vit", "backbone.depth=2", "backbone.global_pool=token",
+                        "backbone.drop_path_rate=0", f"weights={tmp_path / 'timm_vit.pth'}")
+    recipe = build_recipe(cfg, num_classes=10, in_chans=1).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert (recipe(x) - ref(x)).abs().max() <= 1e-4
+
+
+def test_plain_defaults_without_an_experiment_build_a_sensible_model():
+    cfg = compose_train()
+    recipe = build_recipe(cfg, num_classes=10, in_chans=1)
+    assert recipe.backbone.grid[0] * recipe.backbone.grid[1] >= 4     # not a one-token image
