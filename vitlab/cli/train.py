@@ -44,6 +44,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.run_test and run.source.has_split("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best or None, weights_only=False)
+    elif cfg.run_test and trainer.is_global_zero:
+        log.info("no test stage: %s has no test split (splits: %s)", run.source.name, ", ".join(run.source.splits))
     metrics = {}
     if (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
