@@ -44,7 +44,7 @@ def test_run_directory_holds_checkpoints_config_and_curves(digits_run):
 def test_eval_reproduces_the_test_metric(digits_run, tmp_path):
     out = tmp_path / "eval.json"
     p = run_cli("vitlab.cli.eval", f"ckpt={digits_run / 'checkpoints' / 'best.ckpt'}", "data=digits", "split=test",
-                f"metrics_file={out}", timeout=300)
+                f"metrics_file={out}", f"hydra.run.dir={tmp_path / 'hydra'}", timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "test/top1" in p.stdout                              # the printed table
     evaluated = json.loads(out.read_text())
@@ -70,6 +70,6 @@ def test_vitlab_load_rebuilds_the_model_from_the_checkpoint_alone(digits_run):
 
 def test_eval_on_a_split_the_data_lacks_fails_clearly(digits_run, cifar_subset, tmp_path):
     p = run_cli("vitlab.cli.eval", f"ckpt={digits_run / 'checkpoints' / 'best.ckpt'}", "data=cifar10",
-                f"data.root={cifar_subset}", "split=test", timeout=300)
+                f"data.root={cifar_subset}", "split=test", f"hydra.run.dir={tmp_path / 'hydra'}", timeout=300)
     assert p.returncode == 2
     assert "no test batch" in p.stderr and "split=val" in p.stderr
