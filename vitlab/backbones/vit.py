@@ -96,9 +96,11 @@ class VisionTransformer(nn.Module):
     """A plain ViT that returns a dict of named features.
 
     forward(images (B, C, H, W), mask (B, N) bool, True = masked) -> {
-        "cls": (B, D)            normed class token (if class_token)
-        "registers": (B, R, D)   normed register tokens (if num_registers)
-        "patch": (B, N', D)      normed patch tokens (N' < N when masked tokens were dropped)
+        "cls": (B, D)            class token after the final norm (if class_token)
+        "registers": (B, R, D)   register tokens after the final norm (if num_registers)
+        "patch": (B, N', D)      patch tokens after the final norm (N' < N when masked tokens were
+                                 dropped; with global_pool='avg' the final norm moves to fc_norm
+                                 after pooling, as in timm, so these are un-normed)
         "patch_2d": (B, D, h, w) the same on the grid (when no token was dropped)
         "pooled": (B, D)         the image representation chosen by global_pool
         "prenorm": (B, T, D)     every token before the final norm
