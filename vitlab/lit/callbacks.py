@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -18,13 +19,11 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 log = logging.getLogger(__name__)
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)              # the only way to read it is to set it; done once, at import
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)              # the only way to read it is to set it; read once, on first write
     os.umask(mask)
     return mask
-
-
-_UMASK = _read_umask()
 
 
 def _mkstemp_like_open(path: Path) -> tuple[int, str]:
@@ -32,7 +31,7 @@ def _mkstemp_like_open(path: Path) -> tuple[int, str]:
     (mkstemp's own 0600 would hide metrics and checkpoints from the rest of a lab group)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         os.close(fd)
         Path(tmp).unlink(missing_ok=True)
@@ -40,18 +39,26 @@ def _mkstemp_like_open(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
+def _atomic_write(path, mode: str, write: Callable[[Any], None], sync: bool = False) -> None:
+    """Write through ``write(file)`` to a temporary file in the same folder, then rename over ``path``:
+    readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _mkstemp_like_open(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,18 +66,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves the previous checkpoint whole, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _mkstemp_like_open(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_write(path, "wb", lambda f: torch.save(checkpoint, f), sync=True)
 
 
 def _scalar(v: Any) -> Optional[float]:
@@ -180,11 +176,8 @@ class RunArtifacts(pl.Callback):
                              label="val top-5", alpha=0.6)
         axes[1].set_xlabel("epoch"), axes[1].set_ylabel("accuracy (%)"), axes[1].legend(), axes[1].grid(alpha=0.3)
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / ".curves.png.tmp"
-        fig.savefig(tmp, dpi=110, format="png")
+        _atomic_write(self.output_dir / "curves.png", "wb", lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.output_dir / "curves.png")
 
 
 class DDPAgreement(pl.Callback):
