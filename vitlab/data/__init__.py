@@ -1,10 +1,15 @@
 """Data sources, transforms and splits. Never imports models or Lightning."""
 
-from vitlab.data.base import (ClassificationSource, DatasetNotFoundError, DictDataset, SPLITS, seeded_split)
+from vitlab.data.base import (ClassificationSource, CorruptDataError, DatasetNotFoundError, DictDataset, SPLITS,
+                              seeded_split)
 from vitlab.data.cifar import CIFAR
 from vitlab.data.digits import Digits
+from vitlab.data.filelist import FileDataset, FileList
+from vitlab.data.hf import HFDataset, HFImageDataset
 from vitlab.data.imagefolder import ImageFolder
+from vitlab.data.imagenet import ImageNet
 from vitlab.data.transforms import build_transforms
 
-__all__ = ["ClassificationSource", "DatasetNotFoundError", "DictDataset", "SPLITS", "seeded_split", "CIFAR",
-           "Digits", "ImageFolder", "build_transforms"]
+__all__ = ["ClassificationSource", "CorruptDataError", "DatasetNotFoundError", "DictDataset", "SPLITS",
+           "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
+           "ImageFolder", "ImageNet", "build_transforms"]
