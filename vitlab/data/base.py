@@ -3,16 +3,19 @@
 A *source* knows where its data lives and how it is split; it hands out
 datasets of (image, label) per split. :class:`DictDataset` applies a
 transform and yields the batch dicts every path in vitlab uses:
-``{"image": (C, H, W) float, "label": int, "index": int}``.
+``{"image": (C, H, W) float, "label": int, "index": int, "corrupt": int}``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+log = logging.getLogger("vitlab")
 
 SPLITS = ("train", "val", "test")
 
@@ -83,17 +86,66 @@ class ArrayDataset(Dataset):
         return self.to_image(self.images[i]), int(self.labels[i])
 
 
-class DictDataset(Dataset):
-    """(image, label) -> {"image", "label", "index"} after ``transform``."""
+# What a broken image file raises when it is opened or decoded: PIL.UnidentifiedImageError and "image file is
+# truncated" are OSErrors; some broken PNG/GIF headers raise SyntaxError; a short read can raise ValueError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
-    def __init__(self, base: Dataset, transform: Optional[Callable] = None):
-        self.base, self.transform = base, transform
+
+def describe_item(dataset: Dataset, i: int) -> str:
+    """A human name for item ``i`` of a dataset: its file path when one is known, else its index."""
+    while isinstance(dataset, Subset):                   # Subset(Subset(...)): map the index down to the files
+        i, dataset = int(dataset.indices[i]), dataset.dataset
+    if hasattr(dataset, "path_of"):
+        path = dataset.path_of(i)
+        if path:
+            return str(path)
+    samples = getattr(dataset, "samples", None)          # torchvision DatasetFolder / ImageFolder
+    if isinstance(samples, list) and i < len(samples):
+        return str(samples[i][0])
+    return f"item {i} of {type(dataset).__name__}"
+
+
+class CorruptDataError(RuntimeError):
+    """More of the data is unreadable than ``data.max_corrupt_fraction`` allows."""
+
+
+class DictDataset(Dataset):
+    """(image, label) -> {"image", "label", "index", "corrupt"} after ``transform``.
+
+    An item whose image cannot be read (truncated JPEG, a non-image file, a
+    missing file) is skipped: a warning names the file, the next readable
+    item takes its place (so batch shapes stay fixed, which DDP, mixup and
+    compiled models rely on), and ``"corrupt"`` counts how many were skipped
+    to produce this one. The data module sums the counts in the main process
+    and stops with :class:`CorruptDataError` past ``data.max_corrupt_fraction``,
+    so a bad dataset never ends in an unreadable traceback from a worker.
+    """
+
+    def __init__(self, base: Dataset, transform: Optional[Callable] = None, max_skips: int = 100):
+        self.base, self.transform, self.max_skips = base, transform, max_skips
+        self.warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _read(self, i: int) -> tuple[Any, Any, int, int]:
+        n = len(self.base)
+        for skipped in range(min(self.max_skips, n)):
+            j = (i + skipped) % n
+            try:
+                image, label = self.base[j]
+                return image, label, j, skipped
+            except DECODE_ERRORS as e:
+                if j not in self.warned:                     # once per file and worker process
+                    self.warned.add(j)
+                    log.warning("skipping unreadable image %s: %s: %s", describe_item(self.base, j),
+                                type(e).__name__, e)
+        raise CorruptDataError(
+            f"{min(self.max_skips, n)} consecutive items from {describe_item(self.base, i)} on could not be read "
+            "(see the warnings above for the files). Check the dataset files (e.g. re-extract or re-download them).")
+
     def __getitem__(self, i: int) -> dict:
-        image, label = self.base[i]
+        image, label, j, skipped = self._read(i)             # j: the item actually returned (i unless skipped)
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": torch.tensor(label, dtype=torch.long), "index": i}
+        return {"image": image, "label": torch.tensor(label, dtype=torch.long), "index": j, "corrupt": skipped}

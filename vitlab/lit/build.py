@@ -114,9 +114,12 @@ def derive(cfg: DictConfig, recipe: Recipe) -> Derived:
 
 def build_datamodule(cfg: DictConfig, source: ClassificationSource) -> VitlabDataModule:
     d = cfg.data
+    mixup = OmegaConf.to_container(d.mixup, resolve=True) if d.get("mixup") else None
     return VitlabDataModule(source, img_size=d.img_size, batch_size=d.batch_size, num_workers=d.num_workers,
                             augment=OmegaConf.to_container(d.augment, resolve=True), seed=cfg.seed,
-                            eval_batch_size=d.get("eval_batch_size"))
+                            eval_batch_size=d.get("eval_batch_size"), mixup=mixup,
+                            repeated_aug=d.get("repeated_aug", 0), batched_augment=d.get("batched_augment", False),
+                            max_corrupt_fraction=d.get("max_corrupt_fraction", 0.01))
 
 
 def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: ClassificationSource) -> VitlabModule:
@@ -163,6 +166,13 @@ def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str]
             if isinstance(cb, LearningRateMonitor) and not loggers:
                 continue                   # logger=[]: nothing to log the lr to
             callbacks.append(cb)
+    if cfg.get("checkpoint_every_n_steps"):
+        # mid-epoch last.ckpt: the train loader's position is in it, so a resume continues the epoch
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), save_top_k=0,
+                                         save_last=True, every_n_train_steps=int(cfg.checkpoint_every_n_steps),
+                                         enable_version_counter=False))
     kwargs = dict(precision=derived.precision, callbacks=callbacks, logger=loggers or False,
                   plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir)
     kwargs.update(overrides)

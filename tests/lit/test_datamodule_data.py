@@ -1,0 +1,194 @@
+"""The data module's loaders: resumable position in the epoch, repeated augmentation, unreadable images."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from vitlab.data import Digits
+from vitlab.data.base import ArrayDataset, ClassificationSource, CorruptDataError, DictDataset
+from vitlab.lit.datamodule import ResumableLoader, VitlabDataModule
+
+
+class _Epoch:
+    """Stands in for trainer.current_epoch."""
+
+    def __init__(self):
+        self.value = 0
+
+    def __call__(self) -> int:
+        return self.value
+
+
+def _dm(**kw) -> VitlabDataModule:
+    kw.setdefault("augment", {"policy": "none"})
+    return VitlabDataModule(Digits(), img_size=8, batch_size=16, **kw)
+
+
+def _indices(loader) -> list[list[int]]:
+    return [b["index"].tolist() for b in loader]
+
+
+def _train_loader(dm: VitlabDataModule, epoch: _Epoch) -> ResumableLoader:
+    dl = dm.loader("train")
+    dl.epoch_fn = epoch
+    return dl
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_the_same_order_without_replay(workers):
+    epoch = _Epoch()
+    epoch.value = 1
+    full = _indices(_train_loader(_dm(num_workers=workers), epoch))
+
+    dl = _train_loader(_dm(num_workers=workers), epoch)
+    it = iter(dl)
+    first = [next(it)["index"].tolist() for _ in range(5)]
+    state = dl.state_dict()
+    assert state == {"epoch": 1, "consumed_batches": 5}
+    del it
+
+    resumed = _train_loader(_dm(num_workers=workers), epoch)          # a fresh process: new loader, same seed
+    resumed.load_state_dict(state)
+    rest = _indices(resumed)
+    assert first == full[:5]
+    assert rest == full[5:]                                           # no replay of the first 5 batches
+    assert _indices(resumed) == full                                  # the next iterator is a whole epoch again
+
+
+def test_a_resume_state_of_another_epoch_is_ignored():
+    epoch = _Epoch()
+    dl = _train_loader(_dm(), epoch)
+    full0 = _indices(dl)
+    dl.load_state_dict({"epoch": 3, "consumed_batches": 4})           # saved at the end of epoch 3's 4th batch
+    assert _indices(dl) == full0                                      # epoch 0 runs whole
+
+
+def test_the_epoch_is_read_when_the_iterator_starts_not_when_it_is_made():
+    epoch = _Epoch()
+    dl = _train_loader(_dm(), epoch)
+    it = iter(dl)                                                     # Lightning creates it before set_epoch
+    epoch.value = 2
+    got = [b["index"].tolist() for b in it]
+    assert got == _indices(dl)                                        # epoch 2's order, both times
+    epoch.value = 0
+    assert _indices(dl) != got                                        # and epoch 0's differs
+
+
+def test_order_depends_on_the_seed():
+    epoch = _Epoch()
+    assert _indices(_train_loader(_dm(seed=0), epoch)) != _indices(_train_loader(_dm(seed=1), epoch))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_repeated_augmentation_sampler_repeats_each_image_across_ranks(seed):
+    """DeiT's repeated augmentation: 3 copies of each image per epoch, spread over the ranks."""
+    world = 2
+    per_rank = []
+    for rank in range(world):
+        dm = _dm(repeated_aug=3, seed=seed)
+        dm._world = lambda r=rank: (world, r)
+        sampler = dm.loader("train").sampler
+        sampler.set_epoch(0)
+        per_rank.append(list(sampler))
+    n = len(dm.dataset("train"))
+    assert len(per_rank[0]) == len(per_rank[1])
+    counts = np.bincount(np.concatenate(per_rank), minlength=n)
+    # timm keeps ~len(dataset) samples per epoch in all: about a third of the images, each 3 times
+    assert counts.max() == 3
+    assert (counts[counts > 0] == 3).mean() > 0.95
+    assert set(per_rank[0]) & set(per_rank[1])                        # copies of one image land on different ranks
+
+
+def test_repeated_augmentation_order_depends_on_the_seed():
+    orders = []
+    for seed in (0, 1):
+        sampler = _dm(repeated_aug=3, seed=seed).loader("train").sampler
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    assert orders[0] != orders[1]
+
+
+class _Broken(Dataset):
+    """Items 3 and 7 raise what PIL raises for a truncated or non-image file."""
+
+    def __init__(self, n=20):
+        self.inner = ArrayDataset(np.random.default_rng(0).random((n, 1, 4, 4)).astype(np.float32),
+                                  np.arange(n) % 10, torch.from_numpy)
+        self.bad = {3, 7}
+
+    def __len__(self):
+        return len(self.inner)
+
+    def path_of(self, i):
+        return f"/data/img_{i:03d}.jpg"
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise OSError("image file is truncated (5 bytes not processed)")
+        return self.inner[i]
+
+
+def test_unreadable_images_are_skipped_counted_and_named(caplog):
+    ds = DictDataset(_Broken())
+    with caplog.at_level(logging.WARNING, logger="vitlab"):
+        items = [ds[i] for i in range(len(ds))]
+    assert [it["corrupt"] for it in items].count(1) == 2
+    assert items[3]["index"] == 4 and items[3]["corrupt"] == 1        # the next readable image takes its place
+    assert items[4]["index"] == 4 and items[4]["corrupt"] == 0
+    assert "/data/img_003.jpg" in caplog.text and "/data/img_007.jpg" in caplog.text
+    assert "truncated" in caplog.text
+
+
+def test_a_dataset_with_nothing_readable_fails_clearly():
+    ds = _Broken(4)
+    ds.bad = {0, 1, 2, 3}
+    with pytest.raises(CorruptDataError, match="could not be read"):
+        DictDataset(ds)[0]
+
+
+class _BrokenSource(ClassificationSource):
+    name, num_classes, in_chans, mean, std = "broken", 10, 1, (0.5,), (0.5,)
+    class_names = [str(i) for i in range(10)]
+
+    def __init__(self, n):
+        self.n = n
+
+    def _load(self, split):
+        return _Broken(self.n)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_data_module_stops_past_the_corrupt_fraction(workers):
+    # 2 of 20 unreadable: 10% — allowed at 0.2, an error at 0.05, raised in the main process with a clear message
+    ok = VitlabDataModule(_BrokenSource(20), img_size=4, batch_size=4, num_workers=workers,
+                          augment={"policy": "none"}, max_corrupt_fraction=0.2)
+    for b in ok.loader("train"):
+        ok.on_before_batch_transfer(b, 0)
+        assert "corrupt" not in b
+    assert sum(ok._corrupt.values()) == 2
+
+    strict = VitlabDataModule(_BrokenSource(20), img_size=4, batch_size=4, num_workers=workers,
+                              augment={"policy": "none"}, max_corrupt_fraction=0.05)
+    with pytest.raises(CorruptDataError, match="max_corrupt_fraction=0.05"):
+        for b in strict.loader("train"):
+            strict.on_before_batch_transfer(b, 0)
+
+
+def test_mixup_needs_an_even_batch():
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        VitlabDataModule(Digits(), img_size=8, batch_size=15, mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
+
+
+def test_mixup_soft_targets_reach_the_training_batch_only():
+    dm = _dm(mixup={"mixup_alpha": 0.8, "cutmix_alpha": 0.0, "label_smoothing": 0.1})
+    batch = next(iter(dm.loader("train")))
+    labels = batch["label"].clone()
+    out = dm.on_after_batch_transfer(dict(batch), 0)                 # no trainer: the training stage
+    assert out["label"].shape == (16, 10)
+    torch.testing.assert_close(out["label"].sum(1), torch.ones(16))
+    assert (out["label"].argmax(1) == labels).float().mean() > 0.4
