@@ -14,7 +14,7 @@ from vitlab.cli.common import validate_command_line
 from vitlab.lit.build import build_recipe, build_source, derive
 
 GROUPS = ["backbone", "task", "data", "recipe", "optim", "sched", "trainer", "logger", "callbacks", "paths",
-          "experiment", "debug"]
+          "experiment", "debug", "augment"]
 
 
 def options(group: str) -> list[str]:
@@ -73,7 +73,8 @@ def test_every_model_group_option_instantiates(group):
 
 @pytest.mark.parametrize("option", options("data"))
 def test_every_data_option_instantiates(option, tmp_path):
-    cfg = compose_train(f"data={option}", f"data.root={tmp_path}")
+    extra = [f"data.urls={tmp_path}"] if option == "webdataset" else []          # shards: urls, not root
+    cfg = compose_train(f"data={option}", f"data.root={tmp_path}", *extra)
     source = build_source(cfg, check=False)
     assert source.has_split("train") or option != "digits"
 
