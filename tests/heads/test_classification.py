@@ -206,3 +206,80 @@ def test_head_dropout_only_in_training(features):
     assert not torch.allclose(task(features), task(features))
     task.eval()
     torch.testing.assert_close(task(features), task(features))
+
+
+# -------------------------------------------------------------- bce loss ---
+
+def _bce_by_hand(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and classes of -(t log sigmoid(x) + (1 - t) log(1 - sigmoid(x)))."""
+    p = torch.sigmoid(logits.double())
+    t = target.double()
+    return (-(t * p.log() + (1 - t) * (1 - p).log())).mean().float()
+
+
+def test_bce_hard_labels_against_a_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.tensor([0, 2])
+    task = ClassificationTask(D, 3, loss="bce", label_smoothing=0.0)
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(task.loss(logits, labels), _bce_by_hand(logits, target))
+    # one value written out: mean of softplus(-x) for positives and softplus(x) for negatives
+    sp = F.softplus
+    by_formula = (sp(-logits[0, 0]) + sp(logits[0, 1]) + sp(logits[0, 2])
+                  + sp(logits[1, 0]) + sp(logits[1, 1]) + sp(-logits[1, 2])) / 6
+    torch.testing.assert_close(task.loss(logits, labels), by_formula)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_bce_smooths_hard_labels_like_timm(logits, labels, eps):
+    """off = eps / C, on = 1 - eps + eps / C (timm's BinaryCrossEntropy)."""
+    task = ClassificationTask(D, C, loss="bce", label_smoothing=eps)
+    torch.testing.assert_close(task.loss(logits, labels), _bce_by_hand(logits, smoothed(labels, eps)))
+
+
+def test_bce_soft_targets_used_as_given(logits, labels):
+    """(B, C) targets are not smoothed again: the task's smoothing is for hard labels only."""
+    target = 0.7 * F.one_hot(labels, C).float() + 0.3 * F.one_hot(labels.flip(0), C).float()
+    task = ClassificationTask(D, C, loss="bce", label_smoothing=0.3)
+    torch.testing.assert_close(task.loss(logits, target), _bce_by_hand(logits, target))
+    torch.testing.assert_close(task.loss(logits, target), F.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_bce_target_threshold_binarises_mixed_targets(logits, labels):
+    """DeiT III: every class with a positive weight in a mixup / cutmix target counts as 1."""
+    target = 0.7 * F.one_hot(labels, C).float() + 0.3 * F.one_hot(labels.flip(0), C).float()
+    task = ClassificationTask(D, C, loss="bce", bce_target_threshold=0.0)
+    binary = (target > 0).float()
+    assert (binary.sum(1) == 2).all()
+    torch.testing.assert_close(task.loss(logits, target), _bce_by_hand(logits, binary))
+
+
+def test_bce_differs_from_ce_and_ce_is_unchanged(logits, labels):
+    bce = ClassificationTask(D, C, loss="bce", label_smoothing=0.1).loss(logits, labels)
+    ce = ClassificationTask(D, C, loss="ce", label_smoothing=0.1).loss(logits, labels)
+    assert not torch.allclose(bce, ce)
+    torch.testing.assert_close(ce, F.cross_entropy(logits, labels, label_smoothing=0.1))
+    torch.testing.assert_close(ce, ClassificationTask(D, C, label_smoothing=0.1).loss(logits, labels))
+
+
+def test_bce_is_float32_for_bf16_logits_and_has_gradients(logits, labels):
+    x = logits.bfloat16().requires_grad_(True)
+    out = ClassificationTask(D, C, loss="bce").loss(x, labels)
+    assert out.dtype == torch.float32
+    out.backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+
+
+def test_bce_adds_nothing_to_the_state_dict():
+    assert ClassificationTask(D, C, loss="bce").state_dict().keys() == ClassificationTask(D, C).state_dict().keys()
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(loss="focal"), ["'focal'", "ce", "bce"]),
+    (dict(loss="bce", bce_target_threshold=1.5), ["bce_target_threshold"]),
+    (dict(loss="bce", label_smoothing=0.5, bce_target_threshold=0.0), ["label_smoothing", "bce_target_threshold"]),
+])
+def test_bad_loss_options(kw, words):
+    with pytest.raises(ValueError) as info:
+        ClassificationTask(D, C, **kw)
+    assert all(w in str(info.value) for w in words)

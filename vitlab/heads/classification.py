@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -41,16 +42,43 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+LOSSES = ("ce", "bce")
+
+
 class ClassificationTask(nn.Module):
-    """Head + loss + metrics. The builder passes ``in_dim`` and ``num_classes``."""
+    """Head + loss + metrics. The builder passes ``in_dim`` and ``num_classes``.
+
+    ``loss="ce"``: softmax cross-entropy. ``loss="bce"``: binary cross-entropy with logits, one sigmoid per
+    class, averaged over batch and classes: DeiT III's loss (Touvron et al. 2022, "DeiT III: Revenge of the
+    ViT", after Wightman et al. 2021, "ResNet strikes back"), computed by timm's
+    :class:`timm.loss.BinaryCrossEntropy`. ``bce_target_threshold`` (bce only) binarises targets above it:
+    DeiT III's code sets every class present in a mixup / cutmix target to 1 (threshold 0.0); None keeps the
+    targets as given (timm's default).
+    """
 
     def __init__(self, in_dim: int, num_classes: int, feature: Literal["pooled", "cls", "avg"] = "pooled",
-                 head_dropout: float = 0.0, label_smoothing: float = 0.0, top_k: Sequence[int] = (1, 5)):
+                 head_dropout: float = 0.0, label_smoothing: float = 0.0, top_k: Sequence[int] = (1, 5),
+                 loss: Literal["ce", "bce"] = "ce", bce_target_threshold: Optional[float] = None):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown classification loss {loss!r}; choose {', '.join(LOSSES)} (task.loss)")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if bce_target_threshold is not None:
+            if not isinstance(bce_target_threshold, (int, float)) or not 0.0 <= bce_target_threshold < 1.0:
+                raise ValueError(f"task.bce_target_threshold must be null or in [0, 1), got {bce_target_threshold!r}")
+            if loss == "bce" and label_smoothing / num_classes > bce_target_threshold:
+                raise ValueError(f"task.label_smoothing={label_smoothing} gives every class a target of "
+                                 f"{label_smoothing / num_classes:.3g} > task.bce_target_threshold="
+                                 f"{bce_target_threshold}: all targets would become 1; set one of them to 0 / null")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.loss_type = loss
         self.top_k = tuple(k for k in top_k if k <= num_classes)
         self.head = ClassificationHead(in_dim, num_classes, feature, head_dropout)
+        # no parameters and no saved buffers: checkpoints are the same for both losses
+        self.bce = (BinaryCrossEntropy(smoothing=label_smoothing, target_threshold=bce_target_threshold)
+                    if loss == "bce" else None)
 
     def forward(self, features: dict) -> torch.Tensor:
         return self.head(features)
@@ -59,7 +87,12 @@ class ClassificationTask(nn.Module):
         """Hard labels (B,) -> CE with label smoothing; soft targets (B, C) -> soft-target CE.
 
         Soft targets are used as given: mixup/cutmix build the smoothing into them.
+        With ``loss="bce"``: hard labels become one-hot targets smoothed as timm does (off = eps / C,
+        on = 1 - eps + eps / C); soft targets are used as given (or binarised, see ``bce_target_threshold``).
+        Computed in float32 whatever the logits' dtype.
         """
+        if self.bce is not None:
+            return self.bce(logits.float(), target.float() if target.ndim == 2 else target)
         if target.ndim == 2:
             return soft_target_cross_entropy(logits, target)
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
