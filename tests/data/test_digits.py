@@ -100,7 +100,7 @@ def test_dict_dataset_with_transform(source, splits):
     ds = DictDataset(splits["val"], tf)
     assert len(ds) == len(splits["val"])
     item = ds[3]
-    assert set(item) == {"image", "label", "index"}
+    assert set(item) == {"image", "label", "index", "corrupt"} and item["corrupt"] == 0
     assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
     assert item["image"].min() < 0                                        # normalised, not in [0, 1]
     assert item["label"].dtype == torch.long and item["label"].ndim == 0

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = ["experiment=digits_vit", "backbone.depth=2", "backbone.embed_dim=48", "trainer.enable_progress_bar=false",
          "logger=[]", "run_test=false", "backbone.drop_path_rate=0.1", "data.batch_size=128",
-         "trainer.max_epochs=2", "checkpoint_every_n_steps=3", "data.mixup=null"]       # 1,258 train images: 9 batches per epoch
+         "trainer.max_epochs=2", "checkpoint_every_n_steps=3"]       # 1,258 train images: 9 batches per epoch
 
 
 class Crash(Exception):

@@ -23,7 +23,7 @@ log = logging.getLogger("vitlab")
 
 def train(cfg: DictConfig) -> dict:
     """Build and run one training job; return its final metrics (also in metrics.json)."""
-    from vitlab.data import DatasetNotFoundError
+    from vitlab.data import CorruptDataError, DataConfigError, DatasetNotFoundError
     from vitlab.lit.build import build_run
     from vitlab.lit.callbacks import atomic_write_text
 
@@ -33,14 +33,17 @@ def train(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     try:
         run = build_run(cfg)
-    except (DatasetNotFoundError, FileNotFoundError) as e:
+    except (DatasetNotFoundError, FileNotFoundError, DataConfigError) as e:
         fail(str(e))
     trainer = run.trainer
     if trainer.is_global_zero:
         log.info("%s", run.derived.describe())
         log.info("run directory: %s", out)
         atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except CorruptDataError as e:                   # too much unreadable data: the message names the files' fix
+        fail(f"{e} The last checkpoint is in {out / 'checkpoints'}; resume with ckpt_path=... once fixed.")
     if cfg.run_test and run.source.has_split("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best or None, weights_only=False)

@@ -1,6 +1,6 @@
 """Data sources, transforms and splits. Never imports models or Lightning."""
 
-from vitlab.data.base import (ClassificationSource, CorruptDataError, DatasetNotFoundError, DictDataset, SPLITS,
+from vitlab.data.base import (ClassificationSource, CorruptDataError, DataConfigError, DatasetNotFoundError, DictDataset, SPLITS,
                               seeded_split)
 from vitlab.data.cifar import CIFAR
 from vitlab.data.digits import Digits
@@ -8,8 +8,9 @@ from vitlab.data.filelist import FileDataset, FileList
 from vitlab.data.hf import HFDataset, HFImageDataset
 from vitlab.data.imagefolder import ImageFolder
 from vitlab.data.imagenet import ImageNet
+from vitlab.data.mixup import build_mixup
 from vitlab.data.transforms import build_transforms
 
-__all__ = ["ClassificationSource", "CorruptDataError", "DatasetNotFoundError", "DictDataset", "SPLITS",
+__all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DatasetNotFoundError", "DictDataset", "SPLITS",
            "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
-           "ImageFolder", "ImageNet", "build_transforms"]
+           "ImageFolder", "ImageNet", "build_mixup", "build_transforms"]

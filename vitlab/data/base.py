@@ -105,6 +105,10 @@ def describe_item(dataset: Dataset, i: int) -> str:
     return f"item {i} of {type(dataset).__name__}"
 
 
+class DataConfigError(ValueError):
+    """The data settings cannot work together (e.g. fewer shards than ranks x workers); the message says the fix."""
+
+
 class CorruptDataError(RuntimeError):
     """More of the data is unreadable than ``data.max_corrupt_fraction`` allows."""
 

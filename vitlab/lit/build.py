@@ -212,7 +212,9 @@ def build_run(cfg: DictConfig) -> Run:
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             module.wandb_run_id = lg.version
-    return Run(cfg, source, module, build_datamodule(cfg, source), trainer, derived)
+    datamodule = build_datamodule(cfg, source)
+    datamodule.validate(trainer.world_size)          # e.g. too few shards for ranks x workers: stop now
+    return Run(cfg, source, module, datamodule, trainer, derived)
 
 
 # ------------------------------------------------------------ checkpoints ---

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from vitlab.data import ClassificationSource, DictDataset, build_transforms
-from vitlab.data.base import CorruptDataError
+from vitlab.data.base import CorruptDataError, DataConfigError
 
 log = logging.getLogger("vitlab")
 
@@ -132,7 +132,7 @@ class VitlabDataModule(pl.LightningDataModule):
         self.repeated_aug = int(repeated_aug or 0)
         self.batched_augment = bool(batched_augment)
         if not 0.0 <= max_corrupt_fraction <= 1.0:
-            raise ValueError(f"data.max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
+            raise DataConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
         self.max_corrupt_fraction = max_corrupt_fraction
         self.mixup = None
         if mixup:
@@ -140,7 +140,7 @@ class VitlabDataModule(pl.LightningDataModule):
 
             self.mixup = build_mixup(source.num_classes, **mixup)
         if self.mixup is not None and batch_size % 2:
-            raise ValueError(f"mixup/cutmix pair images within a batch, so data.batch_size must be even "
+            raise DataConfigError(f"mixup/cutmix pair images within a batch, so data.batch_size must be even "
                              f"(got {batch_size}); change it or turn data.mixup off")
         self.datasets: dict[str, Any] = {}
         self._batch_augment: dict[bool, torch.nn.Module] = {}
@@ -175,7 +175,7 @@ class VitlabDataModule(pl.LightningDataModule):
                 tf = build_transforms(split == "train", self.img_size, self.source.mean, self.source.std,
                                       **self.augment)
                 if isinstance(base, IterableDataset):              # shards: the stream applies the transform
-                    base.transform = tf
+                    base.transform, base.seed = tf, self.seed
                     self.datasets[split] = base
                 else:
                     self.datasets[split] = DictDataset(base, tf)
@@ -185,7 +185,7 @@ class VitlabDataModule(pl.LightningDataModule):
         from vitlab.data.batched import InMemoryImages
 
         if isinstance(base, IterableDataset):
-            raise ValueError("data.batched_augment=true needs an in-memory (map-style) dataset such as CIFAR or "
+            raise DataConfigError("data.batched_augment=true needs an in-memory (map-style) dataset such as CIFAR or "
                              "digits; shards stream from disk: set data.batched_augment=false")
         log.info("loading the %s split into memory for batched augmentation on the training device", split)
         return InMemoryImages.from_dataset(base, self.img_size)
@@ -194,6 +194,20 @@ class VitlabDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             self.dataset("train")
             self.dataset("val")
+
+    def validate(self, world_size: int) -> None:
+        """Build the training data as rank 0 of ``world_size`` would, so a setting that cannot work stops the run
+        before any work (e.g. fewer shards than ranks x workers) with :class:`DataConfigError`."""
+        ds = self.dataset("train")
+        if isinstance(ds, IterableDataset):
+            try:
+                ds.configure(batch_size=self.batch_size, world_size=world_size, rank=0,
+                             num_workers=self.num_workers, drop_last=self.drop_last)
+            except ValueError as e:
+                raise DataConfigError(str(e)) from e
+            if len(ds) == 0:
+                raise DataConfigError(f"the training shards give no full batch of {self.batch_size} per rank on "
+                                      f"{world_size} rank(s); lower data.batch_size or write more data")
 
     def _world(self) -> tuple[int, int]:
         t = getattr(self, "trainer", None)
