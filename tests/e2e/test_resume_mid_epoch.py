@@ -47,6 +47,16 @@ def _train(out, *overrides, crash_after=None):
     return run, rec
 
 
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    from vitlab.data import Digits
+    from vitlab.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("digits_shards")
+    write_shards(Digits(), out, max_count=200, progress=False)         # 1,258 train images in 7 shards
+    return out
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_replays_nothing(tmp_path, workers):
     w = f"data.num_workers={workers}"
@@ -69,3 +79,22 @@ def test_mid_epoch_resume_replays_nothing(tmp_path, workers):
         # checkpoint restores: the resumed run is the uninterrupted one
         for k, v in a["state_dict"].items():
             torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_mid_epoch_resume_of_a_shard_stream_replays_nothing(tmp_path, digits_shards):
+    """WebDataset shards, 2 loader workers: the resumed stream skips what was trained on, before decoding it."""
+    args = ("data=webdataset", f"data.urls={digits_shards}", "data.num_workers=2", "data.img_size=16",
+            "data.augment.policy=crop_flip", "data.augment.crop_padding=1", "data.augment.hflip=0")
+    _, full = _train(tmp_path / "a", *args)
+    per_epoch = len(full.steps) // 2
+    assert per_epoch >= 6
+    seen = [i for step in full.steps[:per_epoch] for i in step]
+    assert len(seen) == len(set(seen))                                # one epoch: no sample twice
+
+    _, first = _train(tmp_path / "b", *args, crash_after=per_epoch + 4)
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    step = saved["global_step"]                                       # the last multiple of 3: later steps are lost
+    assert per_epoch < step < 2 * per_epoch
+    assert saved["VitlabDataModule"]["train_loader"] == {"epoch": 1, "consumed_batches": step - per_epoch}
+    resumed, rest = _train(tmp_path / "b", *args, f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}")
+    assert first.steps[:step] + rest.steps == full.steps              # the lost steps are redone, none replayed
