@@ -82,3 +82,11 @@ def test_augmentation_presets_train_end_to_end(preset, tmp_path):
         assert "rand-m9-mstd0.5-inc1" in cfg and "repeated_aug: 3" in cfg
     if preset == "deit3":
         assert "auto_augment: 3a" in cfg and "loss: bce" in cfg
+
+
+def test_batched_augmentation_on_the_training_device_trains(tmp_path):
+    p = run_cli("vitlab.cli.train", "experiment=digits_vit", "data.batched_augment=true", "data.mixup.cutmix_alpha=1.0",
+                "debug=fast", "trainer.enable_progress_bar=false", "logger=[]", f"paths.output_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["train/loss"]) and 0.0 <= metrics["test/top1"] <= 1.0

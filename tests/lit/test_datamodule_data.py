@@ -192,3 +192,21 @@ def test_mixup_soft_targets_reach_the_training_batch_only():
     assert out["label"].shape == (16, 10)
     torch.testing.assert_close(out["label"].sum(1), torch.ones(16))
     assert (out["label"].argmax(1) == labels).float().mean() > 0.4
+
+
+def test_batched_augment_fetches_uint8_batches_and_augments_them_after_the_transfer():
+    dm = _dm(batched_augment=True, num_workers=2, augment={"policy": "crop_flip", "crop_padding": 1, "hflip": 0.0},
+             mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
+    assert dm.num_workers == 0                                        # one tensor index: no worker processes
+    batch = next(iter(dm.loader("train")))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 1, 8, 8)
+    out = dm.on_after_batch_transfer(dict(batch), 0)
+    assert out["image"].dtype == torch.float32 and out["image"].shape == (16, 1, 8, 8)
+    assert out["image"].mean().abs() < 1.0                            # normalised with the source's statistics
+    assert out["label"].shape == (16, 10)                             # then mixed: soft targets
+    val = next(iter(dm.loader("val")))
+    dm._stage = lambda: "val"
+    v = dm.on_after_batch_transfer(dict(val), 0)
+    assert v["label"].ndim == 1 and v["image"].dtype == torch.float32  # evaluation: no mixup, no random crop
+    mean, std = dm.source.mean[0], dm.source.std[0]
+    torch.testing.assert_close(v["image"], (val["image"].float() / 255 - mean) / std, atol=1e-5, rtol=0)

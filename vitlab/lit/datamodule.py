@@ -131,6 +131,11 @@ class VitlabDataModule(pl.LightningDataModule):
         self.seed, self.pin_memory, self.drop_last = seed, pin_memory, drop_last
         self.repeated_aug = int(repeated_aug or 0)
         self.batched_augment = bool(batched_augment)
+        if self.batched_augment and num_workers:
+            # a batch is one index into a tensor in memory: sending it through a worker process costs more
+            log.info("data.batched_augment=true: batches are fetched in the main process (data.num_workers=%d "
+                     "is not used)", num_workers)
+            self.num_workers = 0
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise DataConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
         self.max_corrupt_fraction = max_corrupt_fraction
