@@ -193,3 +193,16 @@ def test_plain_defaults_without_an_experiment_build_a_sensible_model():
     cfg = compose_train()
     recipe = build_recipe(cfg, num_classes=10, in_chans=1)
     assert recipe.backbone.grid[0] * recipe.backbone.grid[1] >= 4     # not a one-token image
+
+
+def test_webdataset_urls_take_a_folder_or_a_quoted_brace_pattern(tmp_path):
+    from vitlab.data import Digits
+    from vitlab.data.shards import write_shards
+
+    write_shards(Digits(), tmp_path, max_count=400, progress=False)         # train-000000..000003.tar
+    folder = build_source(compose_train("data=webdataset", f"data.urls={tmp_path}"))
+    assert len(folder.shard_list("train")) == 4 and folder.num_classes == 10 and folder.in_chans == 1
+    # Hydra's override grammar needs the braces quoted, as the config's header says
+    braced = build_source(compose_train("data=webdataset", f"data.urls='{tmp_path}/train-{{000000..000001}}.tar'"))
+    assert [u for u, _ in braced.shard_list("train")] == [str(tmp_path / f"train-00000{i}.tar") for i in (0, 1)]
+    assert braced.has_split("val")                                            # val-*.tar found beside them

@@ -37,7 +37,7 @@ def test_ddp_two_ranks_read_every_shard_sample_at_most_once(cifar_shards, tmp_pa
     rec = tmp_path / "seen"
     p = run_cli("vitlab.cli.train", *MODEL, "data=webdataset", f"data.urls={cifar_shards}", "trainer=ddp",
                 "trainer.devices=2", "data.num_workers=2", "data.batch_size=32", "trainer.max_epochs=2",
-                f"paths.output_dir={tmp_path / 'run'}", f"+callbacks.seen._target_=tests.e2e.recorders.RecordIndices",
+                f"paths.output_dir={tmp_path / 'run'}", "+callbacks.seen._target_=tests.e2e.recorders.RecordIndices",
                 f"+callbacks.seen.out_dir={rec}", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ranks = [json.loads((rec / f"indices-rank{r}.json").read_text()) for r in (0, 1)]
@@ -52,6 +52,14 @@ def test_ddp_two_ranks_read_every_shard_sample_at_most_once(cifar_shards, tmp_pa
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["ddp/world_size"] == 2 and metrics["ddp/max_param_divergence"] == 0.0
     assert 0.0 <= metrics["val/top1"] <= 1.0
+
+    # validation split the val shards across the ranks and read each sample once: one process evaluating the
+    # same checkpoint on the same shards gets the same accuracy
+    ev = run_cli("vitlab.cli.eval", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "split=val",
+                 f"metrics_file={tmp_path / 'eval.json'}", timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["val/top1"] == pytest.approx(metrics["val/top1"], abs=1e-6)
 
 
 def test_too_few_shards_for_the_workers_fails_clearly(cifar_shards, tmp_path):

@@ -1,7 +1,7 @@
 """Data sources, transforms and splits. Never imports models or Lightning."""
 
-from vitlab.data.base import (ClassificationSource, CorruptDataError, DataConfigError, DatasetNotFoundError, DictDataset, SPLITS,
-                              seeded_split)
+from vitlab.data.base import (SPLITS, ClassificationSource, CorruptDataError, DataConfigError, DatasetNotFoundError,
+                              DictDataset, seeded_split)
 from vitlab.data.cifar import CIFAR
 from vitlab.data.digits import Digits
 from vitlab.data.filelist import FileDataset, FileList
@@ -11,6 +11,6 @@ from vitlab.data.imagenet import ImageNet
 from vitlab.data.mixup import build_mixup
 from vitlab.data.transforms import build_transforms
 
-__all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DatasetNotFoundError", "DictDataset", "SPLITS",
-           "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
+__all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DatasetNotFoundError", "DictDataset",
+           "SPLITS", "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
            "ImageFolder", "ImageNet", "build_mixup", "build_transforms"]
