@@ -210,3 +210,28 @@ def test_batched_augment_fetches_uint8_batches_and_augments_them_after_the_trans
     assert v["label"].ndim == 1 and v["image"].dtype == torch.float32  # evaluation: no mixup, no random crop
     mean, std = dm.source.mean[0], dm.source.std[0]
     torch.testing.assert_close(v["image"], (val["image"].float() / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_an_evaluation_shard_loader_reports_every_batch_its_workers_yield(tmp_path):
+    """2 workers, shards of 50 and 8 samples, batch 32, no drop_last: the workers yield 32+18 and 8, i.e. 3 batches,
+    where ceil(58 / 32) = 2 would make Lightning stop early and skip 18 samples."""
+    from vitlab.data.shards import write_shards
+    from vitlab.data.webdataset import WebDatasetSource
+
+    class Small(ClassificationSource):
+        name, num_classes, in_chans, mean, std = "small", 10, 1, (0.5,), (0.5,)
+        class_names = [str(i) for i in range(10)]
+        splits = ("train", "val")
+
+        def _load(self, split):
+            n = 58
+            return ArrayDataset(np.random.default_rng(0).random((n, 1, 8, 8)).astype(np.float32), np.arange(n) % 10,
+                                torch.from_numpy)
+
+    write_shards(Small(), tmp_path, max_count=50, progress=False)
+    dm = VitlabDataModule(WebDatasetSource(str(tmp_path)), img_size=8, batch_size=16, eval_batch_size=32,
+                          num_workers=2, augment={"policy": "none"})
+    dl = dm.loader("val")
+    seen = [i for b in dl for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(58))
+    assert len(dl) == 3

@@ -49,7 +49,21 @@ class _SkippingSampler(Sampler):
         return len(self.base)
 
 
-class ResumableLoader(DataLoader):
+class StreamLoader(DataLoader):
+    """A DataLoader whose length is the exact number of batches it yields, for shard streams too.
+
+    PyTorch takes ``ceil(len(dataset) / batch_size)`` for an iterable dataset, but each loader worker
+    batches its own shards, so with ``drop_last=False`` (evaluation) the workers' partial last batches
+    make more batches than that, and Lightning, which stops at ``len(loader)``, would skip samples.
+    """
+
+    def __len__(self) -> int:
+        if isinstance(self.dataset, IterableDataset) and hasattr(self.dataset, "num_batches"):
+            return int(self.dataset.num_batches)
+        return super().__len__()
+
+
+class ResumableLoader(StreamLoader):
     """A DataLoader that knows its position in the epoch.
 
     The data module stores :meth:`state_dict` in every checkpoint and calls
@@ -261,7 +275,7 @@ class VitlabDataModule(pl.LightningDataModule):
                 self._train_state = None
             return self._train_loader
         # a fixed generator: evaluating must not advance the global RNG that training draws from
-        return DataLoader(ds, generator=torch.Generator().manual_seed(self.seed), **kwargs)
+        return StreamLoader(ds, generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")
