@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
@@ -269,7 +270,11 @@ class VitlabDataModule(pl.LightningDataModule):
                 kwargs["collate_fn"] = passthrough_collate
             self._epoch_size[split] = len(sampler)
         if train:
-            self._train_loader = ResumableLoader(ds, epoch_fn=self._current_epoch, seed=self.seed, **kwargs)
+            # epoch_fn holds the data module weakly: a loader <-> module cycle would be freed by the cyclic garbage
+            # collector, whose finalisation order makes persistent loader workers time out (10 s) on shutdown
+            ref = weakref.ref(self)
+            self._train_loader = ResumableLoader(ds, epoch_fn=lambda: ref()._current_epoch() if ref() else 0,
+                                                 seed=self.seed, **kwargs)
             if self._train_state is not None:
                 self._train_loader.load_state_dict(self._train_state)
                 self._train_state = None
