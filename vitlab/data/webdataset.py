@@ -641,8 +641,9 @@ class WebDatasetSource(ClassificationSource):
                            mode="L" if self.in_chans == 1 else "RGB", split=split)
 
     def missing_split_message(self, split: str) -> str:
+        where = "data.urls" if split == "train" else f"data.source.{split}_urls"
         return (f"no {split} shards for {self.urls!r} (found: {', '.join(self.splits) or 'none'}); write them with "
-                f"vitlab-shards, set data.source.{split}_urls, or use another split")
+                f"vitlab-shards, set {where}, or use another split")
 
     def __repr__(self) -> str:
         return f"WebDatasetSource(urls={self.urls!r})"
