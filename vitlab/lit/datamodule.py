@@ -161,7 +161,7 @@ class VitlabDataModule(pl.LightningDataModule):
             self.mixup = build_mixup(source.num_classes, **mixup)
         if self.mixup is not None and batch_size % 2:
             raise DataConfigError(f"mixup/cutmix pair images within a batch, so data.batch_size must be even "
-                             f"(got {batch_size}); change it or turn data.mixup off")
+                                  f"(got {batch_size}); change it or turn data.mixup off")
         self.datasets: dict[str, Any] = {}
         self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._epoch_size: dict[str, int] = {}
