@@ -9,6 +9,7 @@ transform and yields the batch dicts every path in vitlab uses:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -91,18 +92,38 @@ class ArrayDataset(Dataset):
 DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
+def locate(dataset: Dataset, i: int) -> tuple[Dataset, int]:
+    """The dataset that holds item ``i`` and its index there, through (nested) ``Subset``s."""
+    while isinstance(dataset, Subset):
+        i, dataset = int(dataset.indices[i]), dataset.dataset
+    return dataset, i
+
+
+def is_folder(dataset: Dataset) -> bool:
+    """A torchvision ``DatasetFolder`` / ``ImageFolder`` (its ``.samples`` hold the file paths and labels)."""
+    from torchvision.datasets import DatasetFolder
+
+    return isinstance(dataset, DatasetFolder)
+
+
+def file_of(dataset: Dataset, i: int) -> Optional[str]:
+    """The image file of item ``i`` (``path_of(i)`` or a torchvision ``DatasetFolder``'s ``.samples``), else None."""
+    base, j = locate(dataset, i)
+    if callable(getattr(base, "path_of", None)):
+        path = base.path_of(j)                       # may be None: e.g. a Hugging Face row that holds bytes
+        return None if path is None else os.fspath(path)
+    if is_folder(base):
+        return str(base.samples[j][0])
+    return None
+
+
 def describe_item(dataset: Dataset, i: int) -> str:
     """A human name for item ``i`` of a dataset: its file path when one is known, else its index."""
-    while isinstance(dataset, Subset):                   # Subset(Subset(...)): map the index down to the files
-        i, dataset = int(dataset.indices[i]), dataset.dataset
-    if hasattr(dataset, "path_of"):
-        path = dataset.path_of(i)
-        if path:
-            return str(path)
-    samples = getattr(dataset, "samples", None)          # torchvision DatasetFolder / ImageFolder
-    if isinstance(samples, list) and i < len(samples):
-        return str(samples[i][0])
-    return f"item {i} of {type(dataset).__name__}"
+    path = file_of(dataset, i)
+    if path:
+        return path
+    base, j = locate(dataset, i)
+    return f"item {j} of {type(base).__name__}"
 
 
 class DataConfigError(ValueError):

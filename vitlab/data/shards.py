@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from vitlab.data.base import SPLITS, ClassificationSource, DatasetNotFoundError
+from vitlab.data.base import SPLITS, ClassificationSource, DatasetNotFoundError, file_of, is_folder, locate
 from vitlab.data.base import CorruptDataError as BaseCorruptDataError
 
 log = logging.getLogger("vitlab")
@@ -58,34 +58,10 @@ def sample_key(index: int) -> str:
 
 # --------------------------------------------------------------------------- reading one sample
 
-def locate(dataset: Dataset, i: int) -> tuple[Dataset, int]:
-    """The dataset that holds item ``i`` and its index there, through (nested) ``Subset``s."""
-    while isinstance(dataset, Subset):
-        i, dataset = int(dataset.indices[i]), dataset.dataset
-    return dataset, i
-
-
-def _is_folder(dataset: Dataset) -> bool:
-    from torchvision.datasets import DatasetFolder
-
-    return isinstance(dataset, DatasetFolder)
-
-
 def reads_encoded(dataset: Dataset) -> bool:
     """Whether items come from encoded images (files or stored bytes) that can be broken, not from arrays."""
     base, _ = locate(dataset, 0)
-    return callable(getattr(base, "path_of", None)) or callable(getattr(base, "bytes_of", None)) or _is_folder(base)
-
-
-def file_of(dataset: Dataset, i: int) -> str | None:
-    """The image file of item ``i`` (``path_of(i)`` or a torchvision ``DatasetFolder``'s ``.samples``), else None."""
-    base, j = locate(dataset, i)
-    if callable(getattr(base, "path_of", None)):
-        path = base.path_of(j)                       # may be None: e.g. a Hugging Face row that holds bytes
-        return None if path is None else os.fspath(path)
-    if _is_folder(base):
-        return str(base.samples[j][0])
-    return None
+    return callable(getattr(base, "path_of", None)) or callable(getattr(base, "bytes_of", None)) or is_folder(base)
 
 
 def label_of(dataset: Dataset, i: int) -> int | None:
@@ -93,7 +69,7 @@ def label_of(dataset: Dataset, i: int) -> int | None:
     base, j = locate(dataset, i)
     if callable(getattr(base, "label_of", None)):
         return int(base.label_of(j))
-    if _is_folder(base):
+    if is_folder(base):
         target = base.samples[j][1]
         return int(base.target_transform(target) if base.target_transform is not None else target)
     return None

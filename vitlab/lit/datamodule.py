@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
-from vitlab.data import ClassificationSource, DictDataset, build_transforms
+from vitlab.data import ClassificationSource, DictDataset, build_mixup, build_transforms
 from vitlab.data.base import CorruptDataError, DataConfigError
 
 log = logging.getLogger("vitlab")
@@ -156,8 +156,6 @@ class VitlabDataModule(pl.LightningDataModule):
         self.max_corrupt_fraction = max_corrupt_fraction
         self.mixup = None
         if mixup:
-            from vitlab.data.mixup import build_mixup
-
             self.mixup = build_mixup(source.num_classes, **mixup)
         if self.mixup is not None and batch_size % 2:
             raise DataConfigError(f"mixup/cutmix pair images within a batch, so data.batch_size must be even "
