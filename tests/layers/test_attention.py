@@ -1,18 +1,33 @@
-"""The attention kernel switch: every backend agrees with the `math` reference,
-the switch itself (set / use / resolve) behaves, and the choice is logged once."""
+"""The attention kernel switch: every backend that runs on the CPU agrees with the `math` reference
+(with and without masks, key padding, forward and backward), explicit kernels that cannot run say why,
+the switch itself (set / use / resolve) behaves, the kernel that ran is recorded and logged once, and a
+ViT through it compiles with no graph breaks. GPU tests: test_attention_gpu.py; packed sequences and
+the flash-attn glue: test_attention_varlen.py."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import math
-
-import importlib
+import types
 
 import pytest
 import torch
 
 from vitlab.layers.attention import (
-    BACKENDS, attention, flash_attn_available, get_backend, math_attention, resolve_backend, set_backend, use_backend,
+    BACKENDS,
+    attention,
+    backend_unavailable_reason,
+    flash_attn_available,
+    get_backend,
+    kernel_record,
+    math_attention,
+    reset_kernel_record,
+    resolve_backend,
+    sdpa_kernel_choice,
+    set_backend,
+    use_backend,
 )
 
 # The package re-exports the function `attention`, which shadows the submodule's name.
@@ -20,8 +35,9 @@ attn_mod = importlib.import_module("vitlab.layers.attention")
 
 # fp32 parity: the kernels differ only in summation order.
 FP32_ATOL, FP32_RTOL = 1e-5, 1e-4
-# Backends that can run on this CPU-only machine (flash_attn is tested separately).
-CPU_BACKENDS = ("math", "sdpa", "auto")
+# Backends that run on CPU tensors: torch has a CPU flash kernel (no dropout) and its math kernel;
+# sdpa_efficient and sdpa_cudnn need CUDA (their refusal is tested below), flash_attn in test_attention_varlen.py.
+CPU_BACKENDS = ("math", "sdpa", "auto", "sdpa_flash", "sdpa_math")
 
 # (B, H, N, M, Dh): square and odd token counts, cross-attention (N != M), a single token.
 SHAPES = [
@@ -35,9 +51,9 @@ SHAPES = [
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
-    prev = get_backend()
+    prev = (attn_mod._backend, attn_mod._source)
     yield
-    set_backend(prev)
+    attn_mod._backend, attn_mod._source = prev
 
 
 def _qkv(B, H, N, M, Dh, dtype=torch.float32, device="cpu", seed=0):
@@ -120,14 +136,15 @@ def test_math_custom_scale_and_broadcast_mask():
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_backend_matches_math_forward_and_backward_fp32(backend, shape, mask_kind):
-    B, H, N, M, Dh = shape
+    B, _, N, M, _ = shape
     q, k, v = _qkv(*shape)
     mask = _make_mask(mask_kind, B, N, M)
     ref = _forward_backward(math_attention, q, k, v, attn_mask=mask)
     got = _forward_backward(attention, q, k, v, attn_mask=mask, backend=backend)
     for name, r, o in zip(("out", "dq", "dk", "dv"), ref, got):
         assert o.shape == r.shape and o.dtype == r.dtype, name
-        torch.testing.assert_close(o, r, atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"{backend} {name}: {m}")
+        torch.testing.assert_close(o, r, atol=FP32_ATOL, rtol=FP32_RTOL,
+                                   msg=lambda m, name=name: f"{backend} {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -146,7 +163,7 @@ def test_global_backend_is_used_when_no_backend_passed(backend):
     torch.testing.assert_close(out, math_attention(q, k, v, attn_mask=mask), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "sdpa_flash", "sdpa_math"])
 def test_backend_matches_math_bf16_cpu(backend):
     # bf16 has an 8-bit mantissa: outputs of magnitude ~1 agree to a few 1e-2.
     q, k, v = _qkv(2, 2, 17, 17, 16, dtype=torch.bfloat16)
@@ -170,36 +187,6 @@ def test_dropout_is_applied_only_when_asked():
 def _flash_skip_reason() -> str | None:
     ok, why = flash_attn_available()
     return None if ok else f"flash_attn backend unavailable: {why}"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_flash_skip_reason() is not None, reason=_flash_skip_reason() or "")
-@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(2, 3, 17, 17, 64), (1, 4, 197, 197, 64), (2, 2, 7, 11, 32)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_flash_attn_matches_math_on_gpu(shape, dtype, atol):
-    """flash-attn vs the reference computed from the same half-precision inputs:
-    bf16 within 3e-2, fp16 within 5e-3 (absolute, values of magnitude ~1), grads within 4x that."""
-    q, k, v = _qkv(*shape, dtype=dtype, device="cuda")
-    assert resolve_backend(q, None, "auto")[0] == "flash_attn"
-    ref = _forward_backward(math_attention, q, k, v)
-    got = _forward_backward(attention, q, k, v, backend="flash_attn")
-    for name, r, o in zip(("out", "dq", "dk", "dv"), ref, got):
-        assert o.dtype == dtype and o.shape == r.shape, name
-        tol = atol if name == "out" else 4 * atol
-        torch.testing.assert_close(o.float(), r.float(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
-def test_sdpa_matches_math_on_gpu(dtype, atol):
-    q, k, v = _qkv(2, 4, 65, 65, 64, dtype=dtype, device="cuda")
-    ref = _forward_backward(math_attention, q, k, v)
-    got = _forward_backward(attention, q, k, v, backend="sdpa")
-    for name, r, o in zip(("out", "dq", "dk", "dv"), ref, got):
-        tol = atol if name == "out" else 4 * atol
-        torch.testing.assert_close(o.float(), r.float(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.skipif(_flash_skip_reason() is None, reason="flash-attn can run here; this checks the refusal")
@@ -243,7 +230,9 @@ def test_auto_falls_back_to_sdpa_here_with_reason():
 # ----------------------------------------------------------------- switch ---
 
 def test_backends_list():
-    assert set(BACKENDS) == {"auto", "sdpa", "math", "flash_attn"}
+    assert BACKENDS == ("auto", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "math",
+                        "flash_attn")
+    assert set(attn_mod.SDPA_KERNELS) == {b for b in BACKENDS if b.startswith("sdpa_")}
 
 
 def test_set_backend_rejects_unknown_names_listing_the_valid_ones():
@@ -281,14 +270,12 @@ def test_use_backend_restores_previous_backend():
 
 def test_use_backend_restores_previous_backend_after_an_error():
     set_backend("math")
-    with pytest.raises(KeyError):
-        with use_backend("sdpa"):
-            assert get_backend() == "sdpa"
-            raise KeyError("boom")
+    with pytest.raises(KeyError), use_backend("sdpa"):
+        assert get_backend() == "sdpa"
+        raise KeyError("boom")
     assert get_backend() == "math"
-    with pytest.raises(ValueError):
-        with use_backend("nope"):
-            pass
+    with pytest.raises(ValueError), use_backend("nope"):
+        pass
     assert get_backend() == "math"
 
 
@@ -332,3 +319,245 @@ def test_backend_logged_once_with_reason(caplog, monkeypatch):
         for _ in range(2):
             attention(q, k, v, backend="math")
         assert len(_backend_records(caplog)) == 2
+
+
+# ------------------------------------------------------------ key padding ---
+
+def _key_padding(lengths, M, device="cpu"):
+    """(B, M) bool, True = a real token: sample b has its first lengths[b] tokens."""
+    return torch.arange(M, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_key_padding_mask_equals_each_sample_alone(backend):
+    """Self-attention over a padded batch: each sample's real rows equal attention over its real tokens
+    alone, forward and backward; padded keys get no gradient (they are never attended to)."""
+    lengths, H, Dh = [5, 12, 9], 3, 16
+    M = max(lengths)
+    q, k, v = _qkv(len(lengths), H, M, M, Dh)
+    valid = _key_padding(lengths, M)
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = attention(q, k, v, key_padding_mask=valid, backend=backend)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    cot = cot * valid[:, None, :, None]                      # only the real query rows carry a loss
+    (out * cot).sum().backward()
+    for b, n in enumerate(lengths):
+        sq, sk, sv = (t.detach()[b:b + 1, :, :n].clone().requires_grad_(True) for t in (q, k, v))
+        alone = math_attention(sq, sk, sv)
+        (alone * cot[b:b + 1, :, :n]).sum().backward()
+        torch.testing.assert_close(out[b:b + 1, :, :n], alone, atol=FP32_ATOL, rtol=FP32_RTOL)
+        for name, got, ref in (("dq", q.grad, sq.grad), ("dk", k.grad, sk.grad), ("dv", v.grad, sv.grad)):
+            torch.testing.assert_close(got[b:b + 1, :, :n], ref, atol=FP32_ATOL, rtol=FP32_RTOL, msg=name)
+        assert torch.all(k.grad[b, :, n:] == 0) and torch.all(v.grad[b, :, n:] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_key_padding_combines_with_attn_mask_and_cross_attention(backend, mask_kind):
+    """N != M (cross-attention) with an attn_mask and padded keys: the same as math with one merged mask."""
+    B, H, N, M, Dh = 2, 2, 7, 11, 8
+    q, k, v = _qkv(B, H, N, M, Dh)
+    mask = _make_mask(mask_kind, B, N, M)
+    valid = _key_padding([6, 11], M)
+    merged = (mask & valid[:, None, None]) if mask_kind == "bool" \
+        else mask.masked_fill(~valid[:, None, None], -math.inf)
+    ref = _forward_backward(math_attention, q, k, v, attn_mask=merged)
+    got = _forward_backward(attention, q, k, v, attn_mask=mask, key_padding_mask=valid, backend=backend)
+    for name, r, o in zip(("out", "dq", "dk", "dv"), ref, got):
+        torch.testing.assert_close(o, r, atol=FP32_ATOL, rtol=FP32_RTOL,
+                                   msg=lambda m, name=name: f"{backend} {name}: {m}")
+    torch.testing.assert_close(ref[0].double(), _reference_fp64(q, k, v, merged), atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+# ------------------------------------------------- explicit sdpa kernels ---
+
+@pytest.mark.parametrize("backend", ["sdpa_efficient", "sdpa_cudnn"])
+def test_explicit_kernel_without_a_cpu_implementation_raises_with_reason_and_fix(backend):
+    q, k, v = _qkv(1, 2, 8, 8, 16)
+    with pytest.raises(RuntimeError) as exc:
+        attention(q, k, v, backend=backend)
+    msg = str(exc.value)
+    assert repr(backend) in msg                                          # which backend
+    assert "no " + backend.split("_")[1] + " kernel for cpu tensors" in msg   # why
+    assert "attention_backend=sdpa or auto" in msg                       # the fix
+    assert backend_unavailable_reason(backend, q, k, v).startswith("torch has no")
+
+
+def test_sdpa_flash_with_dropout_on_cpu_says_torch_s_reason():
+    """torch's CPU flash kernel takes no dropout; the error carries torch's own explanation."""
+    q, k, v = _qkv(1, 2, 8, 8, 16)
+    with pytest.raises(RuntimeError) as exc:
+        attention(q, k, v, dropout_p=0.5, backend="sdpa_flash")
+    msg = str(exc.value)
+    assert "'sdpa_flash'" in msg and "dropout" in msg and "attention_backend=sdpa or auto" in msg
+    assert "Triggered internally" not in msg
+    # sdpa itself falls back to a kernel that can (torch's math), and records it.
+    reset_kernel_record()
+    torch.manual_seed(0)
+    attention(q, k, v, dropout_p=0.5, backend="sdpa")
+    assert kernel_record() == {"sdpa:math": 1}
+
+
+def test_torch_s_reasons_keep_the_asked_for_kernel_s_section():
+    """On CUDA torch explains every kernel when none can run, those sdpa_kernel switched off too: the
+    error keeps the requested kernel's reason (the warnings as torch 2.x words them)."""
+    warned = [types.SimpleNamespace(message=m) for m in (
+        "Memory efficient kernel not used because: (Triggered internally at sdp_utils.cpp:1.)",
+        "Memory Efficient attention has been runtime disabled. (Triggered internally at sdp_utils.cpp:2.)",
+        "Flash attention kernel not used because:",
+        "Flash attention does not support non-null attn_mask.",
+        "CuDNN attention kernel not used because:",
+        "cuDNN attention has been runtime disabled.")]
+    assert attn_mod._torch_reasons(warned, "flash") == [
+        "Flash attention kernel not used because: Flash attention does not support non-null attn_mask"]
+    assert attn_mod._torch_reasons(warned, "efficient") == [
+        "Memory efficient kernel not used because: Memory Efficient attention has been runtime disabled"]
+    assert attn_mod._torch_reasons(warned[:2], "cudnn") == [          # no section of its own: all of them
+        "Memory efficient kernel not used because: Memory Efficient attention has been runtime disabled"]
+
+
+def test_backend_unavailable_reason_on_cpu():
+    q, k, v = _qkv(1, 2, 8, 8, 16)
+    for b in ("auto", "sdpa", "math", "sdpa_flash", "sdpa_math"):
+        assert backend_unavailable_reason(b, q, k, v) is None, b
+    assert "dropout" in backend_unavailable_reason("sdpa_flash", q, k, v, dropout_p=0.1)
+    assert backend_unavailable_reason("sdpa_math", q, k, v, dropout_p=0.1) is None
+    if _flash_skip_reason() is not None:
+        assert backend_unavailable_reason("flash_attn", q, k, v) == flash_attn_available()[1]
+    with pytest.raises(ValueError, match="sdpa_flash"):
+        backend_unavailable_reason("xformers", q, k, v)
+
+
+# -------------------------------------------------- which kernel ran ---
+
+def test_sdpa_kernel_choice_on_cpu():
+    """On CPU torch picks its flash kernel (masks included), and math when there is dropout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _qkv(2, 2, 9, 9, 8)
+    assert sdpa_kernel_choice(q, k, v) == "flash"
+    assert sdpa_kernel_choice(q, k, v, attn_mask=_bool_mask(2, 9, 9)) == "flash"
+    assert sdpa_kernel_choice(q, k, v, attn_mask=_float_mask(2, 9, 9)) == "flash"
+    assert sdpa_kernel_choice(q, k, v, dropout_p=0.1) == "math"
+    with sdpa_kernel([SDPBackend.MATH]):                          # the caller's own restriction is honoured
+        assert sdpa_kernel_choice(q, k, v) == "math"
+        reset_kernel_record()
+        attention(q, k, v, backend="sdpa")
+        assert kernel_record() == {"sdpa:math": 1}
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):           # nothing can run: no guess
+        assert sdpa_kernel_choice(q, k, v) == "unknown"
+
+
+def test_sdpa_kernel_choice_without_torch_s_probe(monkeypatch):
+    q, k, v = _qkv(1, 1, 4, 4, 8)
+    monkeypatch.delattr(torch, "_fused_sdp_choice", raising=False)
+    assert sdpa_kernel_choice(q, k, v) == "unknown"
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: 99, raising=False)
+    assert sdpa_kernel_choice(q, k, v) == "unknown"
+
+    def old_signature(q, k, v):                                    # a probe that takes fewer arguments
+        return 1
+    monkeypatch.setattr(torch, "_fused_sdp_choice", old_signature, raising=False)
+    assert sdpa_kernel_choice(q, k, v) == "unknown"
+
+
+def test_kernel_record_counts_each_backend_and_kernel():
+    q, k, v = _qkv(1, 2, 6, 6, 8)
+    reset_kernel_record()
+    for _ in range(3):
+        attention(q, k, v, backend="sdpa")
+    for _ in range(2):
+        attention(q, k, v, backend="math")
+    attention(q, k, v, backend="sdpa_flash")
+    attention(q, k, v, backend="sdpa_math")
+    attention(q, k, v, backend="auto")                             # here: sdpa (no flash-attn)
+    with pytest.raises(RuntimeError):
+        attention(q, k, v, backend="sdpa_efficient")               # a refusal runs nothing
+    expected = {"sdpa:flash": 3 + (_flash_skip_reason() is not None), "math:math": 2, "sdpa_flash:flash": 1,
+                "sdpa_math:math": 1}
+    assert kernel_record() == expected
+    record = kernel_record()
+    record["sdpa:flash"] = 0                                        # a copy: the caller cannot corrupt it
+    assert kernel_record() == expected
+    reset_kernel_record()
+    assert kernel_record() == {}
+
+
+def test_kernel_logged_once_per_backend_kernel_and_reason(caplog, monkeypatch):
+    monkeypatch.setattr(attn_mod, "_logged", set())
+    q, k, v = _qkv(1, 2, 6, 6, 8)
+    with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
+        for _ in range(3):
+            attention(q, k, v)                                      # the default: sdpa
+        assert [r.getMessage() for r in _backend_records(caplog)] == [
+            "attention backend: sdpa -> kernel flash (default)"]
+        for _ in range(2):
+            attention(q, k, v, backend="sdpa_math")
+            attention(q, k, v, backend="sdpa")
+            torch.manual_seed(0)
+            attention(q, k, v, dropout_p=0.2)                       # another kernel: logged once more
+        assert [r.getMessage() for r in _backend_records(caplog)][1:] == [
+            "attention backend: sdpa_math -> kernel math (requested)",
+            "attention backend: sdpa -> kernel flash (requested)",
+            "attention backend: sdpa -> kernel math (default)"]
+
+
+def test_nothing_is_probed_recorded_or_logged_while_compiling(monkeypatch, caplog):
+    """Under torch.compile tracing the probe, record and log are skipped (they would break the graph)."""
+    monkeypatch.setattr(attn_mod, "_logged", set())
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    def no_probe(*a, **kw):
+        raise AssertionError("probed the sdpa kernel while compiling")
+    monkeypatch.setattr(attn_mod, "sdpa_kernel_choice", no_probe)
+    q, k, v = _qkv(1, 2, 6, 6, 8)
+    reset_kernel_record()
+    with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
+        for b in ("sdpa", "sdpa_flash", "sdpa_math", "math", "auto"):
+            torch.testing.assert_close(attention(q, k, v, backend=b), math_attention(q, k, v),
+                                       atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert kernel_record() == {} and _backend_records(caplog) == []
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "sdpa_flash", "math"])
+def test_vit_traces_with_no_graph_breaks(backend):
+    """torch._dynamo.explain on a tiny ViT (RoPE, registers): one graph, zero breaks, for each backend."""
+    import torch._dynamo
+
+    from vitlab.backbones import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, rope=True,
+                          num_registers=1).eval()
+    torch._dynamo.reset()
+    reset_kernel_record()
+    with use_backend(backend):
+        explanation = torch._dynamo.explain(m)(torch.randn(2, 3, 16, 16))
+    torch._dynamo.reset()
+    reasons = [str(r.reason)[:300] for r in explanation.break_reasons]
+    assert explanation.graph_break_count == 0, reasons
+    assert explanation.graph_count == 1
+    assert kernel_record() == {}                   # traced calls are not counted
+
+
+# ----------------------------------------------------- the default choice ---
+
+def test_env_var_sets_the_default_backend(monkeypatch):
+    """VITLAB_ATTN_BACKEND is read at import: load a fresh copy of the module with it set."""
+    monkeypatch.setenv("VITLAB_ATTN_BACKEND", "sdpa_math")
+    spec = importlib.util.spec_from_file_location("_attention_fresh_copy", attn_mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh.get_backend() == "sdpa_math"
+    assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("sdpa_math", "set by VITLAB_ATTN_BACKEND")
+    monkeypatch.delenv("VITLAB_ATTN_BACKEND")
+    spec.loader.exec_module(fresh)
+    assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("sdpa", "default")
+
+
+def test_bad_default_names_where_it_came_from(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_backend", "flash")
+    monkeypatch.setattr(attn_mod, "_source", "set by VITLAB_ATTN_BACKEND")
+    q, k, v = _qkv(1, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash' \(set by VITLAB_ATTN_BACKEND\)"):
+        attention(q, k, v)

@@ -1,6 +1,16 @@
 """Leaf nn.Modules. Imports torch only."""
 
-from vitlab.layers.attention import attention, get_backend, set_backend, use_backend
+from vitlab.layers.attention import (
+    BACKENDS,
+    Backend,
+    attention,
+    get_backend,
+    kernel_record,
+    reset_kernel_record,
+    set_backend,
+    use_backend,
+    varlen_attention,
+)
 from vitlab.layers.drop_path import DropPath, linear_drop_path_rates
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
@@ -8,6 +18,20 @@ from vitlab.layers.patch_embed import PatchEmbed
 from vitlab.layers.pos_embed import RotaryEmbedding2D, resample_abs_pos_embed
 
 __all__ = [
-    "attention", "get_backend", "set_backend", "use_backend", "DropPath", "linear_drop_path_rates",
-    "LayerScale", "Mlp", "PatchEmbed", "RotaryEmbedding2D", "resample_abs_pos_embed",
+    "BACKENDS",
+    "Backend",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchEmbed",
+    "RotaryEmbedding2D",
+    "attention",
+    "get_backend",
+    "kernel_record",
+    "linear_drop_path_rates",
+    "resample_abs_pos_embed",
+    "reset_kernel_record",
+    "set_backend",
+    "use_backend",
+    "varlen_attention",
 ]
