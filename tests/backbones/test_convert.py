@@ -251,3 +251,44 @@ def test_load_from_http_url(http_dir, tmp_path, wrap):
     ours2, head2 = make_ours(global_pool="avg")
     load_timm_weights(ours2, f"{base}/vit_tiny_test.pth", head=head2, cache_dir=str(cache))
     _check_loaded(t, ours2, head2)
+
+
+# --------------------------------------------- the benchmark's timm reference ---
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"global_pool": "avg", "class_token": False},
+    {"layer_scale_init": 1e-5, "qk_norm": True, "qkv_bias": False},
+    {"class_pos_embed": False, "mlp_ratio": 2.0},
+    {"pos_embed": "none"},
+], ids=["plain", "avgpool", "layerscale_qknorm_nobias", "no_cls_pos_mlp2", "no_pos"])
+def test_timm_equivalent_is_the_same_network(kw):
+    """create_timm_equivalent builds timm's ViT with the same parameter count, and with vitlab's weights
+    converted into it... the other way round: timm's random weights converted into vitlab give the same logits."""
+    from vitlab.backbones.convert import create_timm_equivalent
+    from vitlab.heads import ClassificationTask
+
+    base = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS)
+    ours = VisionTransformer(**{**base, **kw})
+    task = ClassificationTask(in_dim=D, num_classes=CLASSES)
+    ref, differences = create_timm_equivalent(ours, CLASSES)
+    assert differences == []
+    n_ours = sum(p.numel() for p in ours.parameters()) + sum(p.numel() for p in task.parameters())
+    assert sum(p.numel() for p in ref.parameters()) == n_ours
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    backbone_sd, head_sd = convert_timm_vit(ref.state_dict(), ours)
+    ours.load_state_dict(backbone_sd, strict=False)
+    task.head.load_state_dict(head_sd)
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(task(ours.eval()(x)), ref.eval()(x), atol=ATOL, rtol=1e-4)
+
+
+def test_timm_equivalent_names_what_timm_cannot_express():
+    from vitlab.backbones.convert import create_timm_equivalent
+
+    ours = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, rope=True,
+                             num_registers=2)
+    _, differences = create_timm_equivalent(ours, CLASSES)
+    assert any("RoPE" in d for d in differences) and any("registers" in d for d in differences)

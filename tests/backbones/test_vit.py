@@ -3,11 +3,17 @@ token masks, stochastic depth, options, gradients and determinism. Tiny models k
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from vitlab.backbones import VARIANTS, VisionTransformer, vit, vit_base, vit_huge, vit_large, vit_small, vit_tiny
+from vitlab.backbones import (VARIANTS, VisionTransformer, vit, vit_base, vit_giant, vit_huge, vit_large, vit_small,
+                              vit_tiny)
 from vitlab.backbones.vit import parse_variant
 from vitlab.layers import use_backend
 from vitlab.layers.pos_embed import resample_abs_pos_embed
@@ -19,7 +25,7 @@ N = GRID[0] * GRID[1]
 
 def tiny(**kw) -> VisionTransformer:
     torch.manual_seed(kw.pop("seed", 0))
-    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS)
+    args = {"img_size": IMG, "patch_size": PATCH, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS}
     args.update(kw)
     m = VisionTransformer(**args)
     # Weights of unit gain and non-zero tokens, so that every part's effect is visible
@@ -118,14 +124,14 @@ def test_invalid_options():
 # ------------------------------------------------------- variants & sizes ---
 
 def test_variant_table_and_factories():
-    assert set(VARIANTS) == {"Ti", "S", "B", "L", "H"}
+    assert set(VARIANTS) == {"Ti", "S", "B", "L", "H", "g"}
     assert parse_variant("B/16") == ("B", 16) and parse_variant("S") == ("S", None)
     with pytest.raises(ValueError, match="unknown ViT variant"):
         parse_variant("XL/16")
     with torch.device("meta"):
         for fn, (w, d, h, mlp), p in [(vit_tiny, VARIANTS["Ti"], 16), (vit_small, VARIANTS["S"], 16),
                                       (vit_base, VARIANTS["B"], 16), (vit_large, VARIANTS["L"], 16),
-                                      (vit_huge, VARIANTS["H"], 14)]:
+                                      (vit_huge, VARIANTS["H"], 14), (vit_giant, VARIANTS["g"], 14)]:
             m = fn(img_size=224)
             assert (m.embed_dim, m.depth, m.patch_size) == (w, d, p)
             assert m.blocks[0].attn.num_heads == h and m.blocks[0].mlp.fc1.out_features == mlp
@@ -148,18 +154,20 @@ def test_parameter_count_matches_timm(variant):
     assert n_params(ours) + ours.embed_dim * 1000 + 1000 == n_params(ref)
 
 
-def test_parameter_count_huge_matches_timm_backbone():
+@pytest.mark.parametrize("variant, name", [("H/14", "vit_huge_patch14_224"), ("g/14", "vit_giant_patch14_224")])
+def test_parameter_count_huge_and_giant_match_timm_backbone(variant, name):
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
-        ours = vit("H/14", img_size=224)
-        ref = timm.create_model("vit_huge_patch14_224", pretrained=False, num_classes=0)
+        ours = vit(variant, img_size=224)
+        ref = timm.create_model(name, pretrained=False, num_classes=0)
     assert n_params(ours) == n_params(ref)
 
 
 @pytest.mark.parametrize("variant,millions", [("Ti/16", 5.7), ("S/16", 22.1), ("B/16", 86.6),
-                                              ("L/16", 304.3), ("H/14", 632.0)])
+                                              ("L/16", 304.3), ("H/14", 632.0), ("g/14", 1012.6)])
 def test_parameter_counts_of_the_papers(variant, millions):
-    """The sizes reported by DeiT (Ti, S) and ViT (B, L, H) for 224 px and 1000 classes."""
+    """The sizes reported by DeiT (Ti, S), ViT (B, L, H) and Zhai et al. (g: 1011M without the head) for 224 px
+    and 1000 classes."""
     with torch.device("meta"):
         m = vit(variant, img_size=224)
     assert round((n_params(m) + m.embed_dim * 1000 + 1000) / 1e6, 1) == millions
@@ -270,6 +278,7 @@ def test_mask_without_mask_token_drops_tokens():
     m = tiny()
     x, mask = images(), _mask(n_masked=6)
     out = m(x, mask=mask)
+    assert "token_valid" not in out                             # equal counts: no padding, no key mask
     assert out["patch"].shape == (2, N - 6, D)
     assert out["prenorm"].shape == (2, 1 + N - 6, D)
     assert "patch_2d" not in out
@@ -292,12 +301,66 @@ def test_dropped_tokens_keep_their_own_positions():
 def test_mask_errors():
     m = tiny()
     with pytest.raises(ValueError, match=r"mask must be \(B, N\) = \(2, 16\), got \(2, 15\)"):
-        m(images(), mask=torch.zeros(2, 15, dtype=torch.bool))
-    uneven = torch.zeros(2, N, dtype=torch.bool)
-    uneven[0, :3] = True
-    uneven[1, :5] = True
-    with pytest.raises(ValueError, match="same number"):
-        m(images(), mask=uneven)
+        m(images(), mask=torch.zeros(2, N - 1, dtype=torch.bool))
+
+
+# ----------------------------------------------- uneven kept-token counts ---
+
+KEPT = (6, 12, 9)                                   # patches kept per sample, out of N = 16
+
+
+def _uneven_mask(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g) >= n for n in KEPT])        # True = masked
+
+
+@pytest.mark.parametrize("pool,class_token", [("token", True), ("avg", True), ("avg", False)])
+def test_uneven_kept_counts_equal_each_sample_alone(pool, class_token):
+    """MAE-style dropping with different counts per sample: padded to the largest, run with a key padding
+    mask, each sample's features equal that sample run alone (registers and RoPE on)."""
+    m = tiny(rope=True, num_registers=2, global_pool=pool, class_token=class_token)
+    x, mask = images(B=3), _uneven_mask()
+    out = m(x, mask=mask)
+    n_max = max(KEPT)
+    assert out["patch"].shape == (3, n_max, D) and out["ids_keep"].shape == (3, n_max)
+    assert out["token_valid"].sum(1).tolist() == list(KEPT) and "patch_2d" not in out
+    for b, n in enumerate(KEPT):
+        alone = m(x[b:b + 1], mask=mask[b:b + 1])
+        assert "token_valid" not in alone                       # one sample: the equal-count path
+        assert out["token_valid"][b].tolist() == [True] * n + [False] * (n_max - n)
+        assert out["ids_keep"][b, :n].tolist() == alone["ids_keep"][0].tolist()
+        assert torch.all(out["ids_keep"][b, n:] == 0) and torch.all(out["patch"][b, n:] == 0)
+        torch.testing.assert_close(out["patch"][b:b + 1, :n], alone["patch"], atol=1e-5, rtol=1e-5)
+        for key in ("pooled", "registers") + (("cls",) if class_token else ()):
+            torch.testing.assert_close(out[key][b:b + 1], alone[key], atol=1e-5, rtol=1e-5, msg=key)
+        P = m.num_prefix_tokens
+        torch.testing.assert_close(out["prenorm"][b:b + 1, :P + n], alone["prenorm"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa_flash"])
+def test_uneven_kept_counts_on_other_backends(backend):
+    m = tiny(rope=True, global_pool="avg")
+    x, mask = images(B=3), _uneven_mask(seed=6)
+    ref = m(x, mask=mask)
+    with use_backend(backend):
+        out = m(x, mask=mask)
+    for key in ("patch", "pooled", "cls"):
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_uneven_kept_counts_backward_ignores_padding():
+    """Gradients reach the kept patches only; the pixels of a padded slot's stand-in (patch 0) get none
+    from it, so a sample whose patch 0 is masked has a zero gradient on those pixels."""
+    m = tiny(global_pool="avg").train()
+    mask = _uneven_mask()
+    mask[0, 0] = True                                           # sample 0 (padded) masks patch 0
+    x = images(B=3).requires_grad_(True)
+    out = m(x, mask=mask)
+    (out["pooled"].pow(2).sum() + out["patch"].sum()).backward()
+    assert torch.all(x.grad[0, :, :PATCH, :PATCH] == 0)
+    assert x.grad[0].abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 # ----------------------------------------------------- options & training ---
@@ -337,8 +400,8 @@ def test_qk_norm_and_layer_scale_parameters():
     torch.testing.assert_close(m(x)["prenorm"], m0(x)["prenorm"])
 
 
-@pytest.mark.parametrize("kw", [{}, dict(num_registers=2, qk_norm=True, layer_scale_init=1e-2),
-                                dict(global_pool="avg", rope=True)])
+@pytest.mark.parametrize("kw", [{}, {"num_registers": 2, "qk_norm": True, "layer_scale_init": 1e-2},
+                                {"global_pool": "avg", "rope": True}])
 def test_backward_reaches_every_parameter(kw):
     m = tiny(**kw).train()
     out = m(images())
@@ -395,3 +458,145 @@ def test_init():
     assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
     assert m.pos_embed.std().item() == pytest.approx(0.02, rel=0.2)
     assert m.cls_token.abs().max() < 1e-4
+
+
+# ------------------------------------------------- activation checkpointing ---
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops allocated under this mode and that are still alive.
+
+    Every op's outputs are seen at the dispatcher, below autograd and checkpointing, and each new storage
+    is followed by a weak reference: what is alive is what something (the autograd graph, checkpoint's
+    saved inputs, the caller) still holds, whoever holds it. Views and in-place results share their
+    input's storage and are not counted again; storages that existed before (parameters) are not counted.
+    (saved_tensors_hooks would not do: inside a non-reentrant checkpoint its hooks replace the outer ones,
+    so what checkpoint keeps for the recomputation is never seen, and saved parameters are counted.)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                known = self.storages.get(ref.cdata)
+                if ref.cdata not in inputs and (known is None or known[0].expired()):
+                    self.storages[ref.cdata] = (ref, t.untyped_storage().nbytes())
+        self.peak = max(self.peak, self.live())
+        return out
+
+    def live(self) -> int:
+        return sum(n for ref, n in self.storages.values() if not ref.expired())
+
+
+def test_live_bytes_tracker_counts_what_is_held():
+    with LiveTensorBytes() as tracker:
+        a = torch.ones(1000)                                   # 4000 bytes, held
+        b = torch.ones(500)                                    # 2000 bytes, freed below
+        view = a[:10]                                          # shares a's storage: not counted again
+        a.add_(1)                                              # in place: nothing new
+        assert tracker.live() == 6000
+        del b
+        assert tracker.live() == 4000
+        held = [torch.zeros(250)]                              # 1000 bytes, held by a list
+        assert tracker.live() == 5000 and tracker.peak == 6000
+    del view, held
+
+
+def _train_step(m, x, seed=0):
+    torch.manual_seed(seed)
+    out = m(x)
+    # A fixed random readout: the normed features' plain sum of squares would be a constant.
+    w = torch.randn(D, 3, generator=torch.Generator().manual_seed(9))
+    loss = (out["pooled"] @ w).pow(2).mean() + (out["patch"] @ w).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"drop_path_rate": 0.3, "drop_rate": 0.1, "attn_drop_rate": 0.1,
+                                     "num_registers": 1, "rope": True}], ids=["plain", "stochastic"])
+def test_grad_checkpointing_gives_the_same_loss_and_grads(kw):
+    """Checkpointed blocks recompute in backward with the same random draws: identical results."""
+    ref_model = tiny(**kw).train()
+    ckpt_model = tiny(**kw).train()
+    ckpt_model.set_grad_checkpointing()
+    assert ckpt_model.grad_checkpointing and not ref_model.grad_checkpointing
+    x = images(B=4)
+    ref_loss, ref_grads = _train_step(ref_model, x)
+    loss, grads = _train_step(ckpt_model, x)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    if kw:                                       # the draws matter: another seed gives another loss
+        assert not torch.allclose(_train_step(ref_model, x, seed=1)[0], ref_loss)
+
+
+def test_grad_checkpointing_recomputes_blocks_only_when_grads_are_on(monkeypatch):
+    vit_mod = importlib.import_module("vitlab.backbones.vit")
+    calls = []
+    block_forward = vit_mod.Block.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return block_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(vit_mod.Block, "forward", counting_forward)   # (module hooks do not fire on recompute)
+    m = tiny(grad_checkpointing=True).train()
+    out = m(images())
+    assert len(calls) == DEPTH
+    (out["patch"] ** 2).sum().backward()
+    assert len(calls) == 2 * DEPTH                 # each block once more in the backward pass
+    calls.clear()
+    with torch.no_grad():
+        m(images())
+    assert len(calls) == DEPTH
+    m.set_grad_checkpointing(False)
+    calls.clear()
+    (m(images())["patch"] ** 2).sum().backward()
+    assert len(calls) == DEPTH
+
+
+def test_grad_checkpointing_holds_less_activation_memory():
+    """Bytes kept alive for the backward pass after the forward: checkpointing keeps each block's input only."""
+    kept = {}
+    for enable in (False, True):
+        m = tiny(depth=4, grad_checkpointing=enable).train()
+        x = images(B=4)
+        with LiveTensorBytes() as tracker:
+            out = m(x)
+            kept[enable] = tracker.live()
+            (out["pooled"].pow(2).sum()).backward()
+    assert kept[True] < 0.25 * kept[False], kept
+
+
+def test_grad_checkpointing_with_uneven_kept_counts():
+    ref_model, ckpt_model = tiny(rope=True), tiny(rope=True, grad_checkpointing=True)
+    x, mask = images(B=3), _uneven_mask()
+    for m in (ref_model, ckpt_model):
+        m.train()
+        out = m(x, mask=mask)
+        (out["pooled"].pow(2).sum() + out["patch"].sum()).backward()
+    for (name, p), q in zip(ref_model.named_parameters(), ckpt_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_vit_matches_eager():
+    """torch.compile (inductor) of a checkpointed ViT: the same features and grads as eager. ~30 s on CPU."""
+    m = tiny(rope=True, num_registers=1, grad_checkpointing=True).train()
+    x = images()
+    ref_loss, ref_grads = _train_step(m, x)
+    m.zero_grad()
+    compiled = torch.compile(m)
+    loss, _ = _train_step(compiled, x)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name, p in m.named_parameters():                  # the compiled wrapper trains the same parameters
+        torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)

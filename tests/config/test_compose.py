@@ -56,7 +56,8 @@ def test_every_backbone_option_instantiates(option):
         recipe = build_recipe(cfg, num_classes=1000, in_chans=3)
     n = sum(p.numel() for p in recipe.parameters())
     expected = {"vit_tiny": 5.7, "deit_tiny": 5.7, "vit_small": 22.1, "deit_small": 22.1, "vit_base": 86.6,
-                "deit_base": 86.6, "vit": 22.1, "vit_large": 304.3, "vit_huge": 632.0}[option]
+                "deit_base": 86.6, "vit": 22.1, "vit_large": 304.3, "vit_huge": 632.0,
+                "vit_giant": 1012.6}[option]
     assert round(n / 1e6, 1) == expected
 
 

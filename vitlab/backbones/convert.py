@@ -153,3 +153,45 @@ def load_timm_weights(model: VisionTransformer, source: str, head: Optional[torc
         else:
             log.info("timm classifier not loaded: its shape differs from this head (new number of classes)")
     log.info("loaded timm weights from %s", source)
+
+
+# ------------------------------------------------------- the timm equivalent ---
+
+def timm_vit_kwargs(model: VisionTransformer, num_classes: int) -> tuple[dict, list[str]]:
+    """Arguments for timm's ``VisionTransformer`` that build the same network as ``model`` (the benchmark's
+    reference), and the differences timm cannot express (e.g. 2-D RoPE), which are left out.
+
+    Read from the built module, not the config, so custom widths and every variant map the same way.
+    """
+    blk = model.blocks[0]
+    attn = blk.attn
+    kwargs = dict(
+        img_size=model.img_size, patch_size=model.patch_size, in_chans=model.patch_embed.proj.in_channels,
+        num_classes=num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim, depth=model.depth,
+        num_heads=attn.num_heads, mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=attn.qkv.bias is not None, qk_norm=isinstance(attn.q_norm, torch.nn.LayerNorm),
+        init_values=float(blk.ls1.gamma.detach().flatten()[0]) if hasattr(blk.ls1, "gamma") else None,
+        class_token=model.has_class_token, reg_tokens=model.num_registers,
+        pos_embed="learn" if model.pos_embed is not None else "none",
+        # timm's no_embed_class=True gives no prefix token a position, like vitlab's class_pos_embed=False
+        no_embed_class=not model.num_pos_prefix,
+        fc_norm=model.global_pool == "avg",
+    )
+    differences = []
+    if model.rope is not None:
+        differences.append("2-D RoPE (timm's VisionTransformer has none; the reference runs without it)")
+    if model.num_registers and model.num_pos_prefix:
+        # vitlab gives registers no position; timm with no_embed_class=False gives every prefix token one
+        differences.append("position rows for registers (timm adds them; vitlab's registers have none)")
+    return kwargs, differences
+
+
+def create_timm_equivalent(model: VisionTransformer, num_classes: int, drop_path_rate: float = 0.0,
+                           **overrides) -> tuple[torch.nn.Module, list[str]]:
+    """timm's VisionTransformer with ``model``'s architecture (and a ``num_classes`` head), randomly initialised;
+    plus the differences :func:`timm_vit_kwargs` could not express. timm's fused attention (F.sdpa) stays on."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    kwargs, differences = timm_vit_kwargs(model, num_classes)
+    kwargs.update(drop_path_rate=drop_path_rate, **overrides)
+    return TimmViT(**kwargs), differences

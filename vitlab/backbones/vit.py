@@ -12,7 +12,10 @@ factories. Options from later papers:
 - 2-D axial RoPE (Heo et al., "Rotary Position Embedding for Vision Transformer", 2024),
 - a token mask for masked image modelling: masked patches are replaced by a
   learned mask token (BEiT / SimMIM / iBOT) when ``use_mask_token``, else
-  dropped (MAE).
+  dropped (MAE); samples may keep different numbers of patches (padded, with a
+  key padding mask),
+- activation checkpointing per block (``grad_checkpointing``, timm's
+  ``set_grad_checkpointing``): activations are recomputed in the backward pass.
 
 Parameter names follow timm's VisionTransformer so converted checkpoints read
 naturally (see ``vitlab.backbones.convert``).
@@ -21,15 +24,17 @@ naturally (see ``vitlab.backbones.convert``).
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitlab.layers import DropPath, LayerScale, Mlp, PatchEmbed, RotaryEmbedding2D, attention, linear_drop_path_rates
 from vitlab.layers.pos_embed import resample_abs_pos_embed
 
-Features = dict[str, Union[torch.Tensor, list[torch.Tensor]]]
+Features = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 # ------------------------------------------------------------------ layers ---
@@ -49,8 +54,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                num_prefix_tokens: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                num_prefix_tokens: int = 0, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); key_padding_mask (B, T) bool, True = a real token (padded tokens are never attended to)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                            # (B, H, T, Dh) each
@@ -59,7 +65,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q = RotaryEmbedding2D.rotate(q, cos, sin, num_prefix_tokens)
             k = RotaryEmbedding2D.rotate(k, cos, sin, num_prefix_tokens)
-        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, T, D)                             # (B, T, D)
         return self.proj_drop(self.proj(x))
 
@@ -69,7 +75,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, qk_norm: bool = False,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init: Optional[float] = None):
+                 layer_scale_init: float | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, drop)
@@ -80,15 +86,16 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, rope=None, num_prefix_tokens: int = 0) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens)))
+    def forward(self, x: torch.Tensor, rope=None, num_prefix_tokens: int = 0,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens, key_padding_mask)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
 # ------------------------------------------------------------------- model ---
 
-def _pair(x: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
+def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
@@ -106,12 +113,18 @@ class VisionTransformer(nn.Module):
         "prenorm": (B, T, D)     every token before the final norm
         "grid": (h, w)
         "ids_keep": (B, N')      kept patch indices (only when tokens were dropped)
+        "token_valid": (B, N')   True = a real kept patch (only when samples kept different numbers)
     }
+
+    Dropping masked tokens when samples keep different numbers: every sample's kept patches are
+    padded to the largest count N' and the blocks run with a key padding mask, so each sample's
+    features equal those of the sample run alone. Padded slots hold 0 in "patch" and "ids_keep"
+    (arbitrary values in "prenorm"); avg pooling averages the real patches only.
     """
 
     def __init__(
         self,
-        img_size: Union[int, tuple[int, int]] = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         embed_dim: int = 768,
@@ -123,7 +136,7 @@ class VisionTransformer(nn.Module):
         class_token: bool = True,
         global_pool: Literal["token", "avg"] = "token",
         num_registers: int = 0,
-        layer_scale_init: Optional[float] = None,
+        layer_scale_init: float | None = None,
         pos_embed: Literal["learned", "none"] = "learned",
         class_pos_embed: bool = True,
         rope: bool = False,
@@ -132,6 +145,7 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         use_mask_token: bool = False,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -170,6 +184,7 @@ class VisionTransformer(nn.Module):
         # As in timm: with average pooling the final norm moves after the pooling (fc_norm).
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.grad_checkpointing = grad_checkpointing
         self.init_weights()
 
     # -------------------------------------------------------------- init ---
@@ -184,6 +199,14 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay beyond norms and biases."""
         return {n for n in ("pos_embed", "cls_token", "reg_token", "mask_token") if getattr(self, n) is not None}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (timm's name).
+
+        Saves activation memory for ~one extra forward pass of compute; results and gradients are
+        unchanged (the recomputation replays the same dropout / drop-path random draws).
+        """
+        self.grad_checkpointing = enable
 
     # ----------------------------------------------------------- forward ---
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -205,10 +228,31 @@ class VisionTransformer(nn.Module):
             prefix.append(self.reg_token.expand(B, -1, -1))
         return torch.cat(prefix + [x], dim=1) if prefix else x
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Features:
+    def _drop_masked(self, x: torch.Tensor, mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """MAE: keep only the unmasked patches of x (B, P + N, D), in grid order.
+
+        Returns (x (B, P + N', D), ids_keep (B, N'), token_valid (B, N') or None). When samples keep
+        different numbers, N' is the largest count, shorter samples are padded (patch index 0 at the
+        padded slots, harmless because the blocks never attend to them) and token_valid marks the real ones.
+        """
+        D = x.shape[-1]
+        P = self.num_prefix_tokens
+        n_keep = (~mask).sum(1)                                              # (B,)
+        n_max = int(n_keep.max())
+        # A stable sort of the mask puts each sample's kept patch indices first, in increasing order.
+        ids_keep = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_max]     # (B, N')
+        token_valid = None
+        if not bool((n_keep == n_max).all()):
+            token_valid = torch.arange(n_max, device=mask.device) < n_keep[:, None]       # (B, N')
+            ids_keep = ids_keep.masked_fill(~token_valid, 0)
+        kept = torch.gather(x[:, P:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))       # (B, N', D)
+        return torch.cat([x[:, :P], kept], dim=1), ids_keep, token_valid
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
         x, grid = self.patch_embed(images)                                  # (B, N, D)
         B, N, D = x.shape
-        ids_keep = None
+        ids_keep = token_valid = key_padding_mask = None
         if mask is not None:
             if mask.shape != (B, N):
                 raise ValueError(f"mask must be (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
@@ -217,13 +261,9 @@ class VisionTransformer(nn.Module):
                 x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).expand(B, N, D), x)
         x = self._pos_embed(x, grid)                                        # (B, P + N, D)
         if mask is not None and self.mask_token is None:                    # MAE: drop
-            n_keep = (~mask).sum(1)
-            if not torch.all(n_keep == n_keep[0]):
-                raise ValueError("dropping masked tokens needs the same number kept in every sample")
-            ids_keep = torch.nonzero(~mask)[:, 1].reshape(B, -1)            # (B, N')
-            P = self.num_prefix_tokens
-            kept = torch.gather(x[:, P:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-            x = torch.cat([x[:, :P], kept], dim=1)
+            x, ids_keep, token_valid = self._drop_masked(x, mask)           # (B, P + N', D)
+            if token_valid is not None:                                     # prefix tokens are always real
+                key_padding_mask = F.pad(token_valid, (self.num_prefix_tokens, 0), value=True)   # (B, P + N')
         x = self.pos_drop(x)
 
         rope = None
@@ -232,28 +272,39 @@ class VisionTransformer(nn.Module):
             if ids_keep is not None:
                 cos, sin = cos[ids_keep].unsqueeze(1), sin[ids_keep].unsqueeze(1)   # (B, 1, N', Dh/2)
             rope = (cos, sin)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, rope, self.num_prefix_tokens)
-        return self._features(x, grid, ids_keep)
+            if checkpointed:    # store only the block's input; recompute the rest (same RNG draws) in backward
+                x = checkpoint(blk, x, rope, self.num_prefix_tokens, key_padding_mask, use_reentrant=False)
+            else:
+                x = blk(x, rope, self.num_prefix_tokens, key_padding_mask)
+        return self._features(x, grid, ids_keep, token_valid)
 
-    def _features(self, prenorm: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> Features:
+    def _features(self, prenorm: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None,
+                  token_valid: torch.Tensor | None = None) -> Features:
         P, R = self.num_prefix_tokens, self.num_registers
         x = self.norm(prenorm)
         patch = x[:, P:]                                                    # (B, N, D)
+        if token_valid is not None:
+            patch = patch.masked_fill(~token_valid.unsqueeze(-1), 0.0)
         out: Features = {"prenorm": prenorm, "patch": patch, "grid": grid}
         if self.has_class_token:
             out["cls"] = x[:, 0]
         if R:
             out["registers"] = x[:, P - R:P]
         if ids_keep is None:
-            B, N, D = patch.shape
-            out["patch_2d"] = patch.transpose(1, 2).reshape(B, D, grid[0], grid[1])
+            out["patch_2d"] = patch.transpose(1, 2).reshape(patch.shape[0], patch.shape[2], *grid)   # (B, D, h, w)
         else:
             out["ids_keep"] = ids_keep
+        if token_valid is not None:
+            out["token_valid"] = token_valid
         if self.global_pool == "token":
             out["pooled"] = out["cls"]
-        else:
+        elif token_valid is None:
             out["pooled"] = self.fc_norm(prenorm[:, P:].mean(dim=1))
+        else:                                                               # the mean of the real patches
+            w = token_valid.unsqueeze(-1).to(prenorm.dtype)                 # (B, N', 1)
+            out["pooled"] = self.fc_norm((prenorm[:, P:] * w).sum(1) / w.sum(1).clamp_min(1))
         return out
 
 
@@ -272,21 +323,22 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "B": (768, 12, 12, 3072),     # ViT (Dosovitskiy et al. 2021), "ViT-Base", 86.6M at /16
     "L": (1024, 24, 16, 4096),    # ViT, "ViT-Large", 304.3M at /16
     "H": (1280, 32, 16, 5120),    # ViT, "ViT-Huge", 632.0M at /14
+    "g": (1408, 40, 16, 6144),    # Zhai et al., "Scaling Vision Transformers" (CVPR 2022), "ViT-g", 1.01B at /14
 }
 
 
-def parse_variant(variant: str) -> tuple[str, Optional[int]]:
+def parse_variant(variant: str) -> tuple[str, int | None]:
     """'B/16' -> ('B', 16); 'S' -> ('S', None)."""
-    m = re.fullmatch(r"(Ti|S|B|L|H)(?:/(\d+))?", variant)
+    m = re.fullmatch(r"(Ti|S|B|L|H|g)(?:/(\d+))?", variant)
     if not m:
         raise ValueError(f"unknown ViT variant {variant!r}; use one of {', '.join(VARIANTS)} "
                          "with an optional patch size, e.g. 'B/16'")
     return m.group(1), int(m.group(2)) if m.group(2) else None
 
 
-def vit(variant: str = "B/16", embed_dim: Optional[int] = None, depth: Optional[int] = None,
-        num_heads: Optional[int] = None, mlp_ratio: Optional[float] = None,
-        patch_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+def vit(variant: str = "B/16", embed_dim: int | None = None, depth: int | None = None,
+        num_heads: int | None = None, mlp_ratio: float | None = None,
+        patch_size: int | None = None, **kwargs) -> VisionTransformer:
     """Build a ViT from a row of the variant table, e.g. ``vit("S/16", img_size=224)``.
 
     Explicit ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio`` or ``patch_size``
@@ -322,3 +374,7 @@ def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
 
 def vit_huge(patch_size: int = 14, **kwargs) -> VisionTransformer:
     return vit("H", patch_size=patch_size, **kwargs)
+
+
+def vit_giant(patch_size: int = 14, **kwargs) -> VisionTransformer:
+    return vit("g", patch_size=patch_size, **kwargs)
