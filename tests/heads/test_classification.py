@@ -149,6 +149,32 @@ def test_metrics_returns_fresh_collections():
     assert b.compute()["top1"].item() == pytest.approx(0.0)
 
 
+def test_metrics_without_argument_validation_give_the_same_values():
+    """validate_args=False (the train split) skips torchmetrics' input checks, never changes the numbers."""
+    task = ClassificationTask(D, 10)
+    checked, unchecked = task.metrics(), task.metrics(validate_args=False)
+    assert all(m.validate_args for m in checked.values())
+    assert not any(m.validate_args for m in unchecked.values())
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+        checked.update(x, y)
+        unchecked.update(x, y)
+    for k, v in checked.compute().items():
+        assert unchecked.compute()[k].item() == pytest.approx(v.item())
+
+
+def test_metrics_validation_is_what_catches_bad_integer_predictions():
+    """The check that validate_args turns off (a torch.unique over the values: a host sync on a GPU)."""
+    target = torch.tensor([0, 1, 2, 3, 0])
+    bad = torch.tensor([0, 1, 2, 3, 7])                              # 5 distinct predicted values for 4 classes
+    with pytest.raises(RuntimeError, match="unique values"):
+        ClassificationTask(D, 4, top_k=(1,)).metrics()["top1"].update(bad, target)
+    m = ClassificationTask(D, 4, top_k=(1,)).metrics(validate_args=False)["top1"]
+    m.update(torch.tensor([0, 1, 2, 3, 1]), target)                  # not checked: the train split's labels are valid
+    assert m.compute().item() == pytest.approx(0.8)
+
+
 # ----------------------------------------------------------------- feature ---
 
 @pytest.fixture

@@ -267,3 +267,44 @@ def test_nothing_is_written_without_any_metric(tmp_path):
     cb = RunArtifacts(str(tmp_path / "run"))
     cb._save_plot()
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------ progress bar ---
+
+class _SpyBar(callbacks.ProgressBar):
+    """Records the global step of every metric read made while a training batch ends."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reads: list[int] = []
+        self._in_batch = False
+
+    def on_train_batch_end(self, trainer, *args):
+        self._in_batch = True
+        try:
+            super().on_train_batch_end(trainer, *args)
+        finally:
+            self._in_batch = False
+
+    def get_metrics(self, trainer, pl_module):
+        if self._in_batch:
+            self.reads.append(trainer.global_step)
+        return super().get_metrics(trainer, pl_module)
+
+
+def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_fit):
+    bar = _SpyBar(refresh_rate=1)
+    tiny_fit(callbacks=[bar], enable_progress_bar=True, limit_train_batches=5, log_every_n_steps=2)
+    assert bar.reads == [2, 4]                      # after batches 2 and 4 of 5 (global step already counted)
+    assert bar.train_progress_bar.n == 5            # ... while the bar itself advanced on every batch
+    postfix = bar.train_progress_bar.postfix
+    for shown in ("train/loss=", "img/s=", "eta=", "val/top1="):
+        assert shown in postfix, postfix
+
+
+def test_progress_bar_is_lightnings_progress_bar_with_its_refresh_rate():
+    from pytorch_lightning.callbacks.progress import ProgressBar as LightningProgressBar
+
+    bar = callbacks.ProgressBar(refresh_rate=7)
+    assert isinstance(bar, LightningProgressBar)    # what lit/build.py checks for trainer.enable_progress_bar=false
+    assert bar.refresh_rate == 7 and bar.step_metrics == ("train/loss",)

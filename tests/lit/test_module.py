@@ -70,6 +70,39 @@ def test_finite_loss_passes_the_guard_directly():
         m.training_step(bad, 0)
 
 
+def test_the_first_non_finite_loss_is_kept_on_the_device_until_checked():
+    m = tiny_module()
+    m._note_non_finite(torch.tensor(2.0))
+    m.check_loss("here")                                              # all finite: nothing to report
+    m._note_non_finite(torch.tensor(float("inf")))
+    m._note_non_finite(torch.tensor(float("nan")))                    # later bad values do not overwrite the first
+    step, epoch, value = m._bad_loss
+    assert (step.item(), epoch.item(), value.item()) == (0, 0, float("inf"))
+    with pytest.raises(FloatingPointError, match=r"the training loss is inf at step 0 \(epoch 0\), found here"):
+        m.check_loss("here")
+
+
+def test_no_checkpoint_metadata_is_written_after_a_non_finite_loss():
+    m = tiny_module(config={})
+    m._note_non_finite(torch.tensor(float("nan")))
+    ckpt: dict = {}
+    with pytest.raises(FloatingPointError, match="before writing a checkpoint"):
+        m.on_save_checkpoint(ckpt)
+    assert "vitlab" not in ckpt
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "5"])
+def test_loss_check_interval_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="loss_check_interval"):
+        tiny_module(loss_check_interval=bad)
+
+
+def test_train_metrics_skip_argument_validation_but_eval_metrics_keep_it():
+    m = tiny_module()
+    assert not any(x.validate_args for x in m.train_metrics.values())
+    assert all(x.validate_args for split in (m.val_metrics, m.test_metrics) for x in split.values())
+
+
 # ----------------------------------------------------------- checkpoint ---
 
 def test_on_save_checkpoint_stores_config_data_info_and_rng():

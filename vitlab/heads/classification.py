@@ -97,7 +97,13 @@ class ClassificationTask(nn.Module):
             return soft_target_cross_entropy(logits, target)
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
-    def metrics(self) -> MetricCollection:
-        """Fresh top-k accuracy metrics (one collection per split), keyed 'top1', 'top5'."""
-        return MetricCollection({f"top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro")
+    def metrics(self, validate_args: bool = True) -> MetricCollection:
+        """Fresh top-k accuracy metrics (one collection per split), keyed 'top1', 'top5'.
+
+        ``validate_args=False`` skips torchmetrics' per-update checks of the inputs (for integer predictions
+        they include a ``torch.unique``, a host sync on a GPU): for the train split, whose labels the data
+        layer has already checked. Keep it on for evaluation.
+        """
+        return MetricCollection({f"top{k}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro",
+                                                               validate_args=validate_args)
                                  for k in self.top_k})

@@ -1,20 +1,26 @@
-"""Callbacks and plugins: run artifacts (metrics.json, curves), DDP agreement check, atomic checkpoints."""
+"""Callbacks and plugins: run artifacts (metrics.json, curves), DDP agreement check, atomic checkpoints, and
+a progress bar that reads metrics only on logging steps. :class:`HostSyncGuard` lives in vitlab/lit/host_sync.py
+(re-exported here)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+from vitlab.lit.host_sync import HostSyncGuard, is_logging_step, training_batch_number  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,7 @@ class RunArtifacts(pl.Callback):
     def __init__(self, output_dir: str):
         self.output_dir = Path(output_dir)
         self.steps: list[tuple[int, float]] = []
+        self._pending: list[tuple[int, Any]] = []          # (step, loss on the device) not yet read back
         self.epochs: list[dict] = []
         self.final: dict[str, Any] = {}
         self._t0 = time.time()
@@ -97,11 +104,27 @@ class RunArtifacts(pl.Callback):
         self._images += len(batch["image"]) * trainer.world_size
         loss = trainer.callback_metrics.get("train/loss_step")
         if loss is not None and trainer.is_global_zero:
-            self.steps.append((trainer.global_step, float(loss)))
+            # kept on the device and read back together on logging steps: no host sync per step
+            self._pending.append((trainer.global_step, loss.detach() if torch.is_tensor(loss) else loss))
+            if is_logging_step(trainer):
+                self._flush()
+
+    def _flush(self) -> None:
+        """Move the pending step losses to :attr:`steps` with one host read."""
+        if not self._pending:
+            return
+        steps, values = zip(*self._pending, strict=True)
+        self._pending = []
+        if all(torch.is_tensor(v) for v in values):
+            floats = torch.stack([v.float().reshape(()) for v in values]).tolist()
+        else:
+            floats = [float(v) for v in values]
+        self.steps.extend(zip(steps, floats, strict=True))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
+        self._flush()
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for k, v in trainer.callback_metrics.items():
             s = _scalar(v)
@@ -119,6 +142,7 @@ class RunArtifacts(pl.Callback):
                  row["images_per_s"], seconds, time.strftime("%H:%M:%S", time.gmtime(left * seconds)))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush()
         if self.epochs and trainer.is_global_zero:
             s = _scalar(trainer.callback_metrics.get("train/loss_epoch"))
             if s is not None:
@@ -147,6 +171,7 @@ class RunArtifacts(pl.Callback):
     def write(self, trainer) -> None:
         if not trainer.is_global_zero:
             return
+        self._flush()
         atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.final, indent=2, sort_keys=True))
         atomic_write_text(self.output_dir / "history.json",
                           json.dumps({"steps": self.steps, "epochs": self.epochs}, indent=1))
@@ -194,6 +219,15 @@ class DDPAgreement(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.world_size < 2 or not dist.is_available() or not dist.is_initialized():
             return
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in pl_module.parameters()):
+            # FSDP: each rank holds its own shard by design; the sharding keeps one copy of every value
+            for cb in trainer.callbacks:
+                if isinstance(cb, RunArtifacts):
+                    cb.final["ddp/world_size"] = trainer.world_size
+                    cb.write(trainer)
+            return
         flat = torch.cat([p.detach().float().flatten() for p in pl_module.parameters()]).cpu()
         ref = flat.clone()
         dist.broadcast(ref, src=0)
@@ -209,3 +243,71 @@ class DDPAgreement(pl.Callback):
             raise RuntimeError(f"DDP ranks disagree after training: max parameter difference {divergence:g}")
         if trainer.is_global_zero:
             log.info("DDP: %d ranks hold identical weights", trainer.world_size)
+
+
+# ------------------------------------------------------------- progress bar ---
+
+def _batch_len(batch: Any) -> int:
+    image = batch.get("image") if isinstance(batch, dict) else None
+    return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without a host sync per step.
+
+    The bar advances every ``refresh_rate`` batches, with tqdm's it/s and the epoch's remaining time. The
+    numbers after it are read from the device only on logging steps (:func:`is_logging_step`) and at the end
+    of an epoch or a validation: ``step_metrics`` (the current step's value, default ``train/loss``),
+    Lightning's progress-bar metrics (``val/*``), ``img/s`` over the last logging interval (all ranks) and
+    ``eta``, the time left for the run's remaining optimizer steps at that speed (validation not included).
+    Lightning's ``TQDMProgressBar`` instead reads every progress-bar metric back at each refresh.
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
+                 step_metrics: Sequence[str] = ("train/loss",)):
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.step_metrics = tuple(step_metrics)
+        self._speed: dict[str, str] = {}
+        self._since: tuple[float, int, int] = (time.perf_counter(), 0, 0)    # (time, images, global step)
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._since = (time.perf_counter(), self._images, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._images += _batch_len(batch) * trainer.world_size
+        bar = self._train_progress_bar
+        if bar is None or bar.disable or not self.is_enabled:
+            return
+        if is_logging_step(trainer):
+            self._measure(trainer)
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        n = batch_idx + 1
+        if self._should_update(n, bar.total):
+            bar.n = n
+            bar.refresh()
+
+    def _measure(self, trainer: pl.Trainer) -> None:
+        now = time.perf_counter()
+        t0, images0, step0 = self._since
+        seconds, steps = now - t0, trainer.global_step - step0
+        self._since = (now, self._images, trainer.global_step)
+        if seconds <= 0 or steps <= 0:
+            return
+        self._speed = {"img/s": f"{(self._images - images0) / seconds:.0f}"}
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total):
+            left = max(0.0, (total - trainer.global_step) * seconds / steps)
+            self._speed["eta"] = f"{int(left // 3600)}:{time.strftime('%M:%S', time.gmtime(left))}"
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        metrics = trainer.callback_metrics
+        for name in self.step_metrics:
+            value = metrics.get(name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                items[name] = value.item()
+        items.update(self._speed)
+        return items

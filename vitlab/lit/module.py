@@ -1,4 +1,11 @@
-"""The LightningModule: calls the recipe, logs, updates metrics, builds the optimizer."""
+"""The LightningModule: calls the recipe, logs, updates metrics, builds the optimizer.
+
+The training step never waits for the device outside logging intervals (``tests/lit/test_host_sync.py``
+proves it with :class:`vitlab.lit.callbacks.HostSyncGuard`): the non-finite loss check keeps its state on
+the device and reads it back once per ``loss_check_interval``, at epoch end and before a checkpoint is
+written; the train loss is not a progress-bar metric (Lightning converts those to Python floats at every
+batch); the train accuracy is only updated per step (computed once per epoch).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from vitlab.lit.host_sync import is_logging_step, training_batch_number
 from vitlab.recipes import Recipe
 
 
@@ -41,22 +49,37 @@ class VitlabModule(pl.LightningModule):
     ``scheduler_factory(optimizer, total_steps=, steps_per_epoch=)`` builds a per-step schedule.
     ``config`` (the resolved run config) is stored in every checkpoint so
     ``vitlab.load(path)`` can rebuild the model with no other input.
+
+    A non-finite training loss stops the run with :class:`FloatingPointError` naming the first bad step.
+    It is noticed on the device at every step and read back (one host sync) every ``loss_check_interval``
+    training batches: None (default) = on the steps where Lightning logs (``trainer.log_every_n_steps``),
+    1 = every step (a host sync per step); also at the end of every epoch and of training, and before any
+    checkpoint is written, so no checkpoint ever holds weights trained on a non-finite loss.
     """
 
     def __init__(self, recipe: Recipe, optimizer_factory: Optional[Callable] = None,
                  scheduler_factory: Optional[Callable] = None, config: Optional[dict] = None,
-                 data_info: Optional[dict] = None, eval_split: str = "test"):
+                 data_info: Optional[dict] = None, eval_split: str = "test",
+                 loss_check_interval: Optional[int] = None):
         super().__init__()
+        if loss_check_interval is not None and (isinstance(loss_check_interval, bool)
+                                                or not isinstance(loss_check_interval, int) or loss_check_interval < 1):
+            raise ValueError(f"loss_check_interval must be null (check on logging steps) or an integer >= 1, "
+                             f"got {loss_check_interval!r}")
         self.recipe = recipe
         self.optimizer_factory = optimizer_factory
         self.scheduler_factory = scheduler_factory
         self.config = config
         self.data_info = data_info or {}
         self.eval_split = eval_split
-        self.train_metrics = recipe.task.metrics()
+        self.loss_check_interval = loss_check_interval
+        # the labels were checked by the data layer: no per-step argument validation on the train split
+        self.train_metrics = recipe.task.metrics(validate_args=False)
         self.val_metrics = recipe.task.metrics()
         self.test_metrics = recipe.task.metrics()
         self.wandb_run_id: Optional[str] = None
+        # first non-finite loss, kept on the loss's device: (step, epoch, value); step -1 = none yet
+        self._bad_loss: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.recipe(images)
@@ -65,20 +88,70 @@ class VitlabModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.recipe.training_step(batch)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}). "
-                "Lower optim.lr, raise sched.warmup_epochs, keep trainer.gradient_clip_val set, or train in "
-                "precision=32; resume from checkpoints/last.ckpt with ckpt_path=... once fixed.")
+        self._note_non_finite(loss)
+        if self._loss_check_due():
+            self.check_loss(self._interval_text())
         bs = batch["image"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        # not prog_bar: Lightning would read a progress-bar value back to the host at every batch;
+        # vitlab.lit.callbacks.ProgressBar shows train/loss on logging steps
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
         for k, v in out.items():
             if k not in ("loss", "logits", "target") and torch.is_tensor(v) and v.ndim == 0:
                 self.log(f"train/{k}", v, on_step=True, on_epoch=True, batch_size=bs)
         if "target" in out:
-            self.train_metrics["top1"](out["logits"], out["target"])
+            # update only: the metric's forward would also compute a per-batch value nobody reads
+            self.train_metrics["top1"].update(out["logits"], out["target"])
             self.log("train/top1", self.train_metrics["top1"], on_step=False, on_epoch=True, batch_size=bs)
         return loss
+
+    # ------------------------------------------------------ loss check ---
+    def _note_non_finite(self, loss: torch.Tensor) -> None:
+        """Record the first non-finite loss on the device: tensor ops only, no host sync."""
+        loss = loss.detach()
+        if self._bad_loss is None or self._bad_loss[0].device != loss.device:
+            self._bad_loss = (torch.full((), -1, dtype=torch.long, device=loss.device),
+                              torch.full((), -1, dtype=torch.long, device=loss.device),
+                              torch.zeros((), dtype=torch.float32, device=loss.device))
+        step, epoch, value = self._bad_loss
+        first = ~torch.isfinite(loss) & (step < 0)                        # () bool, stays on the device
+        step.masked_fill_(first, self.global_step)
+        epoch.masked_fill_(first, self.current_epoch)
+        value.copy_(torch.where(first, loss.float(), value))
+
+    def _loss_check_due(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:                          # called outside a Trainer: check at once
+            return True
+        if self.loss_check_interval is None:
+            return is_logging_step(trainer)
+        return training_batch_number(trainer) % self.loss_check_interval == 0
+
+    def _interval_text(self) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return "at once (no trainer)"
+        every = self.loss_check_interval or trainer.log_every_n_steps
+        source = "loss_check_interval" if self.loss_check_interval else "trainer.log_every_n_steps"
+        return f"by the check at step {self.global_step} (every {every} steps, {source})"
+
+    def check_loss(self, where: str) -> None:
+        """Raise FloatingPointError if a non-finite training loss was seen (one host read of the flag)."""
+        if self._bad_loss is None:
+            return
+        step, epoch, value = self._bad_loss
+        if int(step.item()) < 0:
+            return
+        raise FloatingPointError(
+            f"the training loss is {value.item()} at step {int(step.item())} (epoch {int(epoch.item())}), "
+            f"found {where}. Lower optim.lr, raise sched.warmup_epochs, keep trainer.gradient_clip_val set, or "
+            "train in precision=32; resume from checkpoints/last.ckpt with ckpt_path=... once fixed (no checkpoint "
+            "is written after a non-finite loss).")
+
+    def on_train_epoch_end(self) -> None:
+        self.check_loss(f"at the end of epoch {self.current_epoch}")
+
+    def on_train_end(self) -> None:
+        self.check_loss("at the end of training")
 
     def _eval_step(self, batch: dict, prefix: str, metrics) -> None:
         out = self.recipe.evaluation_step(batch)
@@ -103,12 +176,31 @@ class VitlabModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return opt
         total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        batches = self.trainer.num_training_batches        # inf when max_epochs=-1 (Lightning never sized the loader)
+        per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) \
+            else total
         sched = self.scheduler_factory(opt, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Step, then free the gradients at once. Lightning zeroes them only after the next step's forward, so
+        without this a whole model's gradients (4 bytes per parameter in fp32) stay allocated through every
+        forward pass; the later zero_grad finds nothing to do. Gradient accumulation is unaffected: this hook
+        runs only at accumulation boundaries."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
+    # ---------------------------------------------------------- sharding ---
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (vitlab.lit.strategies.FSDP), shard the recipe: one FSDP unit per block."""
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None and not getattr(self, "_sharded", False):
+            shard(self.recipe)
+            self._sharded = True
+
     # ------------------------------------------------------- checkpoint ---
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_loss("before writing a checkpoint (it was not written)")
         checkpoint["vitlab"] = {"config": self.config, "data_info": self.data_info, "rng": _rng_state(),
                                 "wandb_run_id": self.wandb_run_id}
 
