@@ -52,6 +52,30 @@ def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int) -> Recipe:
     return recipe
 
 
+def apply_model_options(recipe: Recipe, options: Optional[DictConfig]) -> list[str]:
+    """The run-time knobs of ``cfg.model`` (they change speed and memory, never the maths): activation
+    checkpointing per block, then ``torch.compile`` of the backbone. Returns what was done, for the log.
+
+    ``nn.Module.compile`` compiles in place, so parameter names (and checkpoints) stay those of the eager model.
+    """
+    done: list[str] = []
+    if not options:
+        return done
+    backbone = recipe.backbone
+    if options.get("activation_checkpointing"):
+        setter = getattr(backbone, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ValueError(f"model.activation_checkpointing=true, but the backbone {type(backbone).__name__} "
+                             "does not support it (no set_grad_checkpointing); set it to false")
+        setter(True)
+        done.append(f"activation checkpointing in each of {len(getattr(backbone, 'blocks', []))} blocks")
+    if options.get("compile"):
+        mode = options.get("compile_mode") or None
+        backbone.compile(mode=mode, dynamic=options.get("compile_dynamic"), fullgraph=False)
+        done.append(f"torch.compile(backbone, mode={mode or 'default'})")
+    return done
+
+
 # -------------------------------------------------------- derived numbers ---
 
 def _num_devices(devices: Any, accelerator: str) -> int:
@@ -127,7 +151,8 @@ def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: Clas
     scheduler_factory = instantiate(cfg.sched, _convert_="all") if cfg.get("sched") else None
     return VitlabModule(recipe, optimizer_factory, scheduler_factory,
                         config=OmegaConf.to_container(cfg, resolve=True),
-                        data_info={"num_classes": source.num_classes, "in_chans": source.in_chans})
+                        data_info={"num_classes": source.num_classes, "in_chans": source.in_chans},
+                        loss_check_interval=cfg.get("loss_check_interval"))
 
 
 def _loggers(cfg: DictConfig, wandb_run_id: Optional[str]) -> list:
@@ -200,6 +225,8 @@ def build_run(cfg: DictConfig) -> Run:
     source = build_source(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     recipe = build_recipe(cfg, source.num_classes, source.in_chans)
+    for what in apply_model_options(recipe, cfg.get("model")):
+        log.info("model: %s", what)
     derived = derive(cfg, recipe)
     module = build_module(cfg, recipe, derived, source)
     wandb_id = None

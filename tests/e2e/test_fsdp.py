@@ -1,0 +1,44 @@
+"""trainer=fsdp (FSDP2, fully_shard per block) on 2 CPU processes (gloo): it trains like one process with the same
+global batch, and its checkpoint is an ordinary one that vitlab-eval reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["experiment=digits_vit", "trainer.max_epochs=1", "backbone.drop_path_rate=0", "data.augment.policy=none",
+          "run_test=false", "trainer.enable_progress_bar=false", "backbone.depth=2"]
+
+
+def test_fsdp_two_processes_match_one_process_and_checkpoint_is_readable(tmp_path):
+    pf = run_cli("vitlab.cli.train", *COMMON, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "data.batch_size=16", f"paths.output_dir={tmp_path / 'fsdp'}", timeout=600)
+    assert pf.returncode == 0, pf.stdout[-3000:] + pf.stderr[-3000:]
+    assert "FSDP2: 2 blocks + the root sharded over 2 processes" in pf.stdout + pf.stderr
+    p1 = run_cli("vitlab.cli.train", *COMMON, "data.batch_size=32", f"paths.output_dir={tmp_path / 'single'}",
+                 timeout=600)
+    assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
+    fsdp = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert fsdp["train/global_step"] == single["train/global_step"]
+    assert fsdp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-2)
+
+    # the full (gathered) state dict on rank 0: the same weights as the 1-process run, same names, plain tensors
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    a = torch.load(ckpt, weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert type(a[k]) is torch.Tensor, k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3, msg=k)
+
+    out = tmp_path / "eval.json"
+    pe = run_cli("vitlab.cli.eval", f"ckpt={ckpt}", "split=val", f"metrics_file={out}", timeout=300)
+    assert pe.returncode == 0, pe.stdout[-3000:] + pe.stderr[-3000:]
+    assert json.loads(out.read_text())["val/top1"] == pytest.approx(fsdp["val/top1"], abs=1e-6)
