@@ -1,5 +1,8 @@
 """vitlab-bench: throughput benchmarks, each reported as a ratio against a reference measured in the same run.
 
+    vitlab-bench train backbone=vit_tiny data.batch_size=16 output_file=OUT.json     (vitlab/cli/bench_train.py)
+    vitlab-bench attention seq_lens=[197,577] output_file=a.json                     (vitlab/cli/bench_attention.py)
+
     vitlab-bench data data=cifar10 data.root=../shared/data/cifar10-subset workers=[0,1,2] output_file=b.json
     vitlab-bench data data=imagefolder data.root=DIR data.img_size=224
 
@@ -314,7 +317,21 @@ def data_main(argv: Sequence[str]) -> None:
 
 # ------------------------------------------------------------------ entry ---
 
+def train_main(argv: Sequence[str]) -> None:
+    from vitlab.cli.bench_train import train_main as run
+
+    run(argv)
+
+
+def attention_main(argv: Sequence[str]) -> None:
+    from vitlab.cli.bench_attention import attention_main as run
+
+    run(argv)
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "train": (train_main, "training images/s, memory, FLOPs and MFU of a config vs the equivalent timm model"),
+    "attention": (attention_main, "attention kernels (fwd + bwd) on ViT shapes, each backend vs the math path"),
     "data": (data_main, "data loading + augmentation throughput: vitlab's pipelines vs references"),
 }
 
@@ -323,7 +340,9 @@ def usage() -> str:
     width = max(len(n) for n in SUBCOMMANDS)
     lines = [f"usage: {PROG} <subcommand> [hydra overrides]", "", "subcommands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", f"e.g. {PROG} data data=cifar10 data.root=DIR workers=[0,1,2] output_file=bench.json"]
+    lines += ["", f"e.g. {PROG} train backbone=vit_tiny data.batch_size=16 output_file=train.json",
+              f"     {PROG} attention seq_lens=[197,577] output_file=attention.json",
+              f"     {PROG} data data=cifar10 data.root=DIR workers=[0,1,2] output_file=bench.json"]
     return "\n".join(lines)
 
 
