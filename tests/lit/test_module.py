@@ -262,3 +262,38 @@ def test_split_metrics_are_independent():
     assert m.val_metrics.compute()["top1"].item() == pytest.approx(1.0)
     assert m.test_metrics.compute()["top1"].item() == pytest.approx(0.0)
     assert math.isfinite(m.val_metrics.compute()["top5"].item())
+
+
+# ------------------------------------------------------ gradients after a step ---
+
+class _GradProbe:
+    """Records, at the start of each training batch (before its forward), whether any gradient is allocated."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        probe = self
+
+        class _CB(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                probe.seen.append(any(p.grad is not None for p in pl_module.parameters()))
+
+        self.seen: list[bool] = []
+        self.callback = _CB()
+
+
+def test_gradients_are_freed_right_after_the_optimizer_step(tiny_fit):
+    """Lightning would zero them only after the next forward; vitlab frees them after the step, so no forward
+    pass runs with a whole model's gradients allocated."""
+    probe = _GradProbe()
+    tiny_fit(callbacks=[probe.callback])
+    assert probe.seen == [False, False, False]
+
+
+def test_gradient_accumulation_still_accumulates(tiny_fit):
+    """accumulate_grad_batches=2: the first micro-batch's gradients survive into the second (they are freed only
+    after the optimizer step, which runs once per two batches)."""
+    probe = _GradProbe()
+    trainer, _, _ = tiny_fit(callbacks=[probe.callback], accumulate_grad_batches=2, limit_train_batches=4)
+    assert probe.seen == [False, True, False, True]
+    assert trainer.global_step == 2

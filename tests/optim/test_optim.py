@@ -209,10 +209,14 @@ def test_make_model_is_reproducible(make_model):
 
 # -------------------------------------------------------------- fused AdamW ---
 
-def test_fused_auto_means_foreach_on_cpu_and_fused_on_cuda():
+def test_fused_auto_uses_the_kernel_where_torch_has_it(monkeypatch):
+    from vitlab.optim import build as optim_build
     from vitlab.optim.build import resolve_fused
 
     cpu = [torch.zeros(2, requires_grad=True)]
+    assert resolve_fused("auto", cpu) is True                        # torch >= 2.4 has a fused CPU AdamW
+    assert resolve_fused("auto", cpu + [torch.zeros(2, dtype=torch.long)]) is False
+    monkeypatch.setattr(optim_build, "_fused_devices", lambda: {"cuda"})   # an older torch: CUDA only
     assert resolve_fused("auto", cpu) is False
     assert resolve_fused(True, cpu) is True and resolve_fused(False, cpu) is False
     assert resolve_fused("auto", []) is False

@@ -174,6 +174,17 @@ def count_flops(model: Callable, images, labels, loss_fn: Callable) -> tuple[flo
     return fwd / n, total / n
 
 
+def _attention_ops(model, images) -> list[str]:
+    """The attention ops (profiler names) one eager forward of ``model`` on the CPU runs, e.g.
+    aten::_scaled_dot_product_flash_attention_for_cpu: which kernel the model asks for, independent of timing."""
+    import torch
+
+    from vitlab.cli.bench_attention import attention_ops_ran
+
+    with torch.no_grad():
+        return attention_ops_ran(lambda: model(images))
+
+
 # ----------------------------------------------------------------- timing ---
 
 class StepTimes:
@@ -307,7 +318,7 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     from vitlab.data import DatasetNotFoundError
     from vitlab.lit.build import apply_model_options, build_datamodule, build_module, build_recipe, build_source, \
         build_trainer, derive
-    from vitlab.layers.attention import set_backend
+    from vitlab.layers.attention import kernel_record, reset_kernel_record, set_backend
 
     b = cfg.bench
     device = _device(cfg)
@@ -340,6 +351,7 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     fwd_flops, train_flops = count_flops(recipe, probe["image"], probe["label"], recipe.task.loss)
     recipe.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in recipe.parameters())
+    attention_ops = _attention_ops(recipe, probe["image"])
     done = apply_model_options(recipe, run_cfg.get("model"))
 
     module = build_module(run_cfg, recipe, derived, source) if source is not None else \
@@ -348,6 +360,7 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     times = StepTimes(int(b.warmup), sync)
     timer = _lightning_timer(times, int(b.warmup) + int(b.steps) if measure_cpu_memory else None, device)
     trainer = build_trainer(run_cfg, derived, callbacks=[timer], logger=False)
+    reset_kernel_record()
     if b.loader == "real":
         datamodule = build_datamodule(run_cfg, source)
         datamodule.validate(1)
@@ -360,6 +373,8 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     row = {"name": label, "framework": "vitlab", "overrides": list(overrides), **times.summary(batch_size),
            "batch_size": batch_size, "precision": str(derived.precision), "params": params,
            "attention_backend": str(run_cfg.attention_backend), "model_options": done,
+           # calls per kernel during training (compiled code is not recorded); the ops one eager forward ran
+           "attention_kernels": kernel_record(), "attention_ops": attention_ops,
            "compile": bool(run_cfg.model.get("compile")),
            "activation_checkpointing": bool(run_cfg.model.get("activation_checkpointing")),
            "gflops_per_image_fwd": fwd_flops / 1e9, "gflops_per_image_train": train_flops / 1e9,
@@ -424,6 +439,7 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     fwd_flops, train_flops = count_flops(model, probe["image"], probe["label"], loss_fn)
     model.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in model.parameters())
+    attention_ops = _attention_ops(model, probe["image"])
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     model = model.to(device)
@@ -473,6 +489,7 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     row = {"name": "timm", "framework": "timm", "overrides": [], **times.summary(batch_size),
            "batch_size": batch_size, "precision": precision, "params": params,
            "attention_backend": "timm fused (F.scaled_dot_product_attention)", "model_options": [],
+           "attention_kernels": {}, "attention_ops": attention_ops,
            "compile": bool(b.reference_compile), "activation_checkpointing": False,
            "gflops_per_image_fwd": fwd_flops / 1e9, "gflops_per_image_train": train_flops / 1e9,
            "peak_memory_mib": memory["peak_bytes"] / 2 ** 20 if "peak_bytes" in memory else None,
@@ -599,8 +616,19 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_lightning() -> None:
+    """The bench builds several Trainers: keep Lightning's start-up notes and tips out of the table's way."""
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def train_main(argv: Sequence[str]) -> None:
     cfg = _compose("bench_train", argv)
+    _quiet_lightning()
     results = bench_train(cfg, argv)
     results["command"] = " ".join([PROG, "train", *argv])
     peak = results["peak_tflops"]

@@ -1,0 +1,109 @@
+"""The run-time knobs wired in lit/build.py: model.activation_checkpointing, model.compile, loss_check_interval,
+and the FSDP strategy config (conf/trainer/fsdp.yaml)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF
+from vitlab.lit.build import apply_model_options, build_module, build_recipe, build_source, derive
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=["backbone.depth=2", "backbone.embed_dim=32", "backbone.num_heads=2",
+                                           *overrides])
+
+
+def _recipe(cfg):
+    source = build_source(cfg)
+    return build_recipe(cfg, source.num_classes, source.in_chans), source
+
+
+def test_defaults_change_nothing():
+    cfg = compose_train()
+    recipe, _ = _recipe(cfg)
+    assert apply_model_options(recipe, cfg.model) == []
+    assert recipe.backbone.grad_checkpointing is False
+    assert getattr(recipe.backbone, "_compiled_call_impl", None) is None
+
+
+def test_activation_checkpointing_is_switched_on_in_the_backbone():
+    cfg = compose_train("model.activation_checkpointing=true")
+    recipe, _ = _recipe(cfg)
+    done = apply_model_options(recipe, cfg.model)
+    assert recipe.backbone.grad_checkpointing is True
+    assert done == ["activation checkpointing in each of 2 blocks"]
+
+
+def test_activation_checkpointing_needs_a_backbone_that_supports_it():
+    cfg = compose_train("model.activation_checkpointing=true")
+    recipe, _ = _recipe(cfg)
+    recipe.backbone = torch.nn.Linear(2, 2)                  # no set_grad_checkpointing
+    with pytest.raises(ValueError, match="does not support it"):
+        apply_model_options(recipe, cfg.model)
+
+
+def test_compile_is_in_place_and_keeps_parameter_names():
+    """nn.Module.compile: the same module object, the same state_dict keys (checkpoints stay loadable by the eager
+    model); compilation itself happens lazily at the first call (tests/e2e/test_compile.py runs it)."""
+    cfg = compose_train("model.compile=true", "model.compile_mode=reduce-overhead")
+    recipe, _ = _recipe(cfg)
+    keys = list(recipe.state_dict())
+    backbone = recipe.backbone
+    done = apply_model_options(recipe, cfg.model)
+    assert recipe.backbone is backbone and list(recipe.state_dict()) == keys
+    assert backbone._compiled_call_impl is not None
+    assert done == ["torch.compile(backbone, mode=reduce-overhead)"]
+
+
+@pytest.mark.parametrize("value, expected", [("null", None), ("1", 1), ("25", 25)])
+def test_loss_check_interval_reaches_the_module(value, expected):
+    cfg = compose_train(f"loss_check_interval={value}")
+    recipe, source = _recipe(cfg)
+    module = build_module(cfg, recipe, derive(cfg, recipe), source)
+    assert module.loss_check_interval == expected
+
+
+def test_fused_adamw_option_reaches_the_optimizer():
+    cfg = compose_train("optim.fused=true")
+    recipe, _ = _recipe(cfg)
+    opt = instantiate(cfg.optim, _convert_="all")(recipe)
+    assert opt.defaults["fused"] is True
+
+
+# ------------------------------------------------------------------- FSDP ---
+
+def test_fsdp_config_builds_the_strategy_with_the_block_class():
+    from vitlab.backbones.vit import Block
+    from vitlab.lit.strategies import FSDP
+
+    cfg = compose_train("trainer=fsdp", "trainer.strategy.reshard_after_forward=false",
+                        "trainer.strategy.param_dtype=bfloat16", "trainer.strategy.reduce_dtype=float32")
+    strategy = instantiate(cfg.trainer.strategy, _convert_="all")
+    assert isinstance(strategy, FSDP)
+    assert strategy.wrap_classes == (Block,)
+    assert strategy.reshard_after_forward is False
+    assert (strategy.param_dtype, strategy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert OmegaConf.select(cfg, "trainer.strategy.save_distributed_checkpoint") is False
+
+
+@pytest.mark.parametrize("wrap, needle", [("vitlab.backbones.vit.Nope", "cannot import"),
+                                          ("torch.float32", "not an nn.Module class"), ("nodots", "cannot import"),
+                                          ("vitlab.backbones.vit.parse_variant", "not an nn.Module class")])
+def test_fsdp_wrong_wrap_class_is_named(wrap, needle):
+    from vitlab.lit.strategies import fsdp
+
+    with pytest.raises(ValueError, match=needle):
+        fsdp(wrap=[wrap])
+
+
+def test_fsdp_wrong_dtype_is_named():
+    from vitlab.lit.strategies import fsdp
+
+    with pytest.raises(ValueError, match="bfloat16"):
+        fsdp(param_dtype="bf16")
