@@ -485,6 +485,9 @@ def test_kernel_record_counts_each_backend_and_kernel():
 
 def test_kernel_logged_once_per_backend_kernel_and_reason(caplog, monkeypatch):
     monkeypatch.setattr(attn_mod, "_logged", set())
+    # the process default (earlier tests may have called set_backend, which changes the reason's wording)
+    monkeypatch.setattr(attn_mod, "_backend", "sdpa")
+    monkeypatch.setattr(attn_mod, "_source", "default")
     q, k, v = _qkv(1, 2, 6, 6, 8)
     with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
         for _ in range(3):

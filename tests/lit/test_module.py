@@ -297,3 +297,73 @@ def test_gradient_accumulation_still_accumulates(tiny_fit):
     trainer, _, _ = tiny_fit(callbacks=[probe.callback], accumulate_grad_batches=2, limit_train_batches=4)
     assert probe.seen == [False, True, False, True]
     assert trainer.global_step == 2
+
+
+# ------------------------------------------------ fused AdamW and gradient clipping ---
+
+from pytorch_lightning.utilities import GradClipAlgorithmType  # noqa: E402
+
+
+def _stub_trainer(precision: str, clip):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+
+    plugin = Precision() if precision == "32-true" else MixedPrecision(precision, "cpu")
+    return SimpleNamespace(precision_plugin=plugin, gradient_clip_val=clip)
+
+
+def _module_with(optimizer_factory):
+    from vitlab.backbones import vit
+    from vitlab.heads import ClassificationTask
+    from vitlab.recipes import Supervised
+
+    recipe = Supervised(vit("Ti", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=16, in_chans=1),
+                        ClassificationTask(32, 10))
+    return VitlabModule(recipe, optimizer_factory=optimizer_factory)
+
+
+def _total_norm(grads):
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _max_abs(grads):
+    return max(g.abs().max() for g in grads)
+
+
+@pytest.mark.parametrize("algorithm, check", [
+    ("norm", _total_norm), (None, _total_norm), ("value", _max_abs),
+    (GradClipAlgorithmType.VALUE, _max_abs), (GradClipAlgorithmType.NORM, _total_norm),
+])
+def test_fused_optimizer_is_clipped_under_bf16_mixed(algorithm, check):
+    """Lightning refuses to clip for a fused optimizer under bf16-mixed; vitlab clips the (unscaled) gradients."""
+    import functools
+
+    from vitlab.optim import build_optimizer
+
+    module = _module_with(functools.partial(build_optimizer, lr=1e-3, fused=True))
+    module._trainer = _stub_trainer("bf16-mixed", 1e-3)
+    opt = module.optimizer_factory(module.recipe)
+    assert opt.defaults["fused"] is True
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    module.configure_gradient_clipping(opt, 1e-3, algorithm)
+    assert float(check([p.grad for p in module.parameters()])) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_fp16_scaling_with_clipping_falls_back_to_the_unfused_optimizer():
+    import functools
+
+    from vitlab.optim import build_optimizer
+
+    auto = _module_with(functools.partial(build_optimizer, lr=1e-3))        # optim.fused=auto (the default)
+    auto._trainer = _stub_trainer("16-mixed", 1.0)
+    opt = auto._unfused_if_scaled_and_clipped(auto.optimizer_factory(auto.recipe))
+    assert not opt.defaults["fused"]
+    forced = _module_with(functools.partial(build_optimizer, lr=1e-3, fused=True))
+    forced._trainer = _stub_trainer("16-mixed", 1.0)
+    with pytest.raises(ValueError, match="optim.fused=true cannot be combined"):
+        forced._unfused_if_scaled_and_clipped(forced.optimizer_factory(forced.recipe))
+    no_clip = _module_with(functools.partial(build_optimizer, lr=1e-3))
+    no_clip._trainer = _stub_trainer("16-mixed", None)
+    assert no_clip._unfused_if_scaled_and_clipped(no_clip.optimizer_factory(no_clip.recipe)).defaults["fused"]

@@ -9,6 +9,7 @@ batch); the train accuracy is only updated per step (computed once per epoch).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any, Callable, Optional
@@ -19,6 +20,8 @@ import torch
 
 from vitlab.lit.host_sync import is_logging_step, training_batch_number
 from vitlab.recipes import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict:
@@ -173,6 +176,7 @@ class VitlabModule(pl.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("this module was loaded for evaluation; it has no optimizer factory")
         opt = self.optimizer_factory(self.recipe)
+        opt = self._unfused_if_scaled_and_clipped(opt)
         if self.scheduler_factory is None:
             return opt
         total = int(self.trainer.estimated_stepping_batches)
@@ -181,6 +185,36 @@ class VitlabModule(pl.LightningModule):
             else total
         sched = self.scheduler_factory(opt, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _unfused_if_scaled_and_clipped(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """fp16's GradScaler + gradient clipping + a fused optimizer cannot work: the fused kernel unscales the
+        gradients itself, after clipping would have seen them scaled (Lightning refuses it). With optim.fused=auto
+        use the unfused optimizer then; an explicit optim.fused=true gets an error that says what to change."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        if not (opt.defaults.get("fused") and scaler is not None and trainer.gradient_clip_val):
+            return opt
+        if getattr(self.optimizer_factory, "keywords", {}).get("fused", "auto") != "auto":
+            raise ValueError("optim.fused=true cannot be combined with trainer.precision=16-mixed and gradient "
+                             "clipping (the fused kernel unscales fp16 gradients after clipping would see them): "
+                             "set optim.fused=auto, or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null")
+        log.info("optimizer: unfused AdamW (fp16 gradient scaling + clipping; the fused kernel cannot clip)")
+        return self.optimizer_factory(self.recipe, fused=False)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients itself (a
+        fused one), even under bf16-mixed, where nothing is scaled. Without a GradScaler the gradients are the true
+        ones, so vitlab clips them here; with one, configure_optimizers already chose an unfused optimizer."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and optimizer.defaults.get("fused") and getattr(plugin, "scaler", None) is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":              # a str or Lightning's GradClipAlgorithmType
+                torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+            else:
+                torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Step, then free the gradients at once. Lightning zeroes them only after the next step's forward, so
