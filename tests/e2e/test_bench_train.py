@@ -36,6 +36,11 @@ def test_contract_command_reports_vitlab_timm_and_the_ratio(tmp_path: Path):
     assert r["mfu"] == pytest.approx(achieved / r["peak_tflops"]["bfloat16"], rel=1e-6)
     assert v["peak_memory_mib"] > 0 and t["peak_memory_mib"] > 0
     assert len(row["step_ms_all"]) == 3 and r["batch_size"] == 16 and r["precision"] == "32-true"
+    # which attention kernel ran: vitlab's record over the training steps, and the profiler's op names (both rows)
+    assert sum(row["attention_kernels"].values()) >= 12 * 3 and all(k.startswith("sdpa:") for k in
+                                                                   row["attention_kernels"])
+    for x in r["rows"]:
+        assert any("scaled_dot_product" in op for op in x["attention_ops"]), x["attention_ops"]
     assert "vitlab / timm" in proc.stdout and "MFU" in proc.stdout and "timm" in proc.stdout
 
 

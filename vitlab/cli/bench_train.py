@@ -175,14 +175,21 @@ def count_flops(model: Callable, images, labels, loss_fn: Callable) -> tuple[flo
 
 
 def _attention_ops(model, images) -> list[str]:
-    """The attention ops (profiler names) one eager forward of ``model`` on the CPU runs, e.g.
-    aten::_scaled_dot_product_flash_attention_for_cpu: which kernel the model asks for, independent of timing."""
+    """The attention ops and kernels (profiler names) one forward of ``model`` runs, e.g.
+    aten::_scaled_dot_product_flash_attention and its CUDA kernel: what the timed steps ran."""
     import torch
 
     from vitlab.cli.bench_attention import attention_ops_ran
 
     with torch.no_grad():
         return attention_ops_ran(lambda: model(images))
+
+
+def _autocast(device, precision: str):
+    import torch
+
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ----------------------------------------------------------------- timing ---
@@ -316,9 +323,16 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     import pytorch_lightning as pl
 
     from vitlab.data import DatasetNotFoundError
-    from vitlab.lit.build import apply_model_options, build_datamodule, build_module, build_recipe, build_source, \
-        build_trainer, derive
     from vitlab.layers.attention import kernel_record, reset_kernel_record, set_backend
+    from vitlab.lit.build import (
+        apply_model_options,
+        build_datamodule,
+        build_module,
+        build_recipe,
+        build_source,
+        build_trainer,
+        derive,
+    )
 
     b = cfg.bench
     device = _device(cfg)
@@ -351,7 +365,6 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     fwd_flops, train_flops = count_flops(recipe, probe["image"], probe["label"], recipe.task.loss)
     recipe.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in recipe.parameters())
-    attention_ops = _attention_ops(recipe, probe["image"])
     done = apply_model_options(recipe, run_cfg.get("model"))
 
     module = build_module(run_cfg, recipe, derived, source) if source is not None else \
@@ -370,6 +383,13 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
         trainer.fit(module, train_dataloaders=SyntheticBatches(batch, total).loader())
     if len(times.compute) < int(b.steps):
         fail(f"only {len(times.compute)} of {b.steps} timed steps ran (the data ran out?); lower bench.steps")
+    # the attention ops one forward of the trained (possibly compiled) model runs on the device, under the
+    # precision's autocast: the kernels the timed steps used
+    probe_images = synthetic_batch(2, in_chans, img_size, num_classes, device, seed=1)["image"]
+    if str(derived.precision) == "bf16-true":
+        probe_images = probe_images.to(next(module.recipe.parameters()).dtype)
+    with _autocast(device, str(derived.precision)):
+        attention_ops = _attention_ops(module.recipe, probe_images)
     row = {"name": label, "framework": "vitlab", "overrides": list(overrides), **times.summary(batch_size),
            "batch_size": batch_size, "precision": str(derived.precision), "params": params,
            "attention_backend": str(run_cfg.attention_backend), "model_options": done,
@@ -439,7 +459,6 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     fwd_flops, train_flops = count_flops(model, probe["image"], probe["label"], loss_fn)
     model.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in model.parameters())
-    attention_ops = _attention_ops(model, probe["image"])
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     model = model.to(device)
@@ -481,7 +500,9 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
         times.end()
     if device.type == "cuda":
         memory["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    elif b.memory and not b.reference_compile:
+    with _autocast(device, precision):
+        attention_ops = _attention_ops(model, images[:2])
+    if device.type == "cpu" and b.memory and not b.reference_compile:
         static = state_bytes(model, opt)
         with cpu_peak_bytes() as out:
             step()
