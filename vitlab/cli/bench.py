@@ -292,6 +292,16 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def write_results(path: str | None, results: dict) -> None:
+    """Write a benchmark's results as JSON to ``path`` (nothing when it is null), creating its folder."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")       # str(): paths, dtypes
+    print(f"[bench] results written to {out}", flush=True)
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """The rows as plain aligned text."""
     head = f"{'pipeline':<24}{'workers':>8}{'images/s':>12}{'per worker':>12}{'ratio':>8}  vs"
@@ -309,11 +319,7 @@ def data_main(argv: Sequence[str]) -> None:
     results["command"] = " ".join([PROG, "data", *argv])
     print(f"\n{results['dataset']}, {results['split']}, img_size {results['img_size']}, batch {results['batch_size']}, "
           f"device {results['device']}, torch {results['torch']}\n{format_table(results['rows'])}", flush=True)
-    if cfg.output_file:
-        out = Path(cfg.output_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"[bench] results written to {out}", flush=True)
+    write_results(cfg.output_file, results)
 
 
 # ------------------------------------------------------------------ entry ---

@@ -20,17 +20,15 @@ gives an ``n/a`` row with the reason instead of stopping the run.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from vitlab.cli.bench import PROG, _compose, _cpu_model
+from vitlab.cli.bench import PROG, _compose, _cpu_model, write_results
 from vitlab.cli.common import fail
 
 # Substrings of profiler event names that belong to attention kernels (aten ops, CUDA kernels,
@@ -214,8 +212,4 @@ def attention_main(argv: Sequence[str]) -> None:
     print(f"\nattention fwd+bwd, batch {results['batch_size']}, {results['num_heads']} heads x {results['head_dim']}, "
           f"{results['dtype']}, device {results['device']}, torch {results['torch']}\n{format_table(results['rows'])}",
           flush=True)
-    if cfg.output_file:
-        out = Path(cfg.output_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"[bench] results written to {out}", flush=True)
+    write_results(cfg.output_file, results)

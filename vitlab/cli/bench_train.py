@@ -31,19 +31,16 @@ events (not measured for compiled CPU models, whose inductor kernels allocate ou
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vitlab.cli.bench import PROG, _compose, _cpu_count, _cpu_model
+from vitlab.cli.bench import PROG, _compose, _cpu_count, _cpu_model, write_results
 from vitlab.cli.common import fail
 
 log = logging.getLogger("vitlab")
@@ -667,14 +664,4 @@ def train_main(argv: Sequence[str]) -> None:
           f"{format_table(results['rows'])}", flush=True)
     if results["ratio_vs_timm"] is not None:
         print(f"[bench] vitlab / timm = {results['ratio_vs_timm']:.3f}x images/s", flush=True)
-    if cfg.output_file:
-        out = Path(cfg.output_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-        print(f"[bench] results written to {out}", flush=True)
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
+    write_results(cfg.output_file, results)

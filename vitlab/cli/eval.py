@@ -63,7 +63,8 @@ def evaluate(cfg: DictConfig) -> dict:
     print(f"\n{'metric':<16}{'value':>10}\n" + "-" * 26)
     for k, v in sorted(metrics.items()):
         print(f"{k:<16}{v:>10.4f}")
-    metrics_file = Path(cfg.metrics_file) if cfg.metrics_file else Path(cfg.ckpt).parent.parent / f"eval_{cfg.split}.json"
+    metrics_file = Path(cfg.metrics_file) if cfg.metrics_file \
+        else Path(cfg.ckpt).parent.parent / f"eval_{cfg.split}.json"
     atomic_write_text(metrics_file, json.dumps(metrics, indent=2, sort_keys=True))
     print(f"[vitlab] metrics written to {metrics_file}")
     return metrics
