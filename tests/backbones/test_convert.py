@@ -292,3 +292,14 @@ def test_timm_equivalent_names_what_timm_cannot_express():
                              num_registers=2)
     _, differences = create_timm_equivalent(ours, CLASSES)
     assert any("RoPE" in d for d in differences) and any("registers" in d for d in differences)
+
+
+def test_timm_model_name_only_for_the_same_configuration():
+    from vitlab.backbones import vit
+    from vitlab.backbones.convert import timm_model_name
+
+    assert timm_model_name(vit("B/16", img_size=224), 1000) == "vit_base_patch16_224"
+    assert timm_model_name(vit("S/16", img_size=224), 10) == "vit_small_patch16_224"
+    assert timm_model_name(vit("Ti/16", img_size=64, in_chans=1), 10) is None          # timm registers no 64 px
+    assert timm_model_name(vit("L/16", img_size=224, qk_norm=True), 1000) is None       # other parameters
+    assert timm_model_name(vit("B/16", img_size=224, global_pool="avg", class_token=False), 1000) is None

@@ -107,3 +107,23 @@ def test_fsdp_wrong_dtype_is_named():
 
     with pytest.raises(ValueError, match="bfloat16"):
         fsdp(param_dtype="bf16")
+
+
+def test_the_configured_attention_backend_is_set_and_named_in_the_log(tmp_path, caplog):
+    import importlib
+    import logging
+
+    from vitlab.lit.build import build_run
+
+    attn = importlib.import_module("vitlab.layers.attention")
+    prev = (attn._backend, attn._source)
+    try:
+        cfg = compose_train("attention_backend=sdpa_math", f"paths.output_dir={tmp_path}", "logger=[]")
+        run = build_run(cfg)
+        assert attn.get_backend() == "sdpa_math"
+        with caplog.at_level(logging.INFO, logger=attn.__name__):
+            attn._logged.clear()
+            run.module.recipe(torch.zeros(2, 1, 64, 64))
+        assert "attention backend: sdpa_math -> kernel math (attention_backend=sdpa_math)" in caplog.text
+    finally:
+        attn._backend, attn._source = prev

@@ -195,3 +195,26 @@ def create_timm_equivalent(model: VisionTransformer, num_classes: int, drop_path
     kwargs, differences = timm_vit_kwargs(model, num_classes)
     kwargs.update(drop_path_rate=drop_path_rate, **overrides)
     return TimmViT(**kwargs), differences
+
+
+_TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge", 1408: "giant"}
+
+
+def timm_model_name(model: VisionTransformer, num_classes: int) -> Optional[str]:
+    """timm's registry name for ``model``'s architecture (e.g. 'vit_base_patch16_224') when timm has one with the
+    same configuration, else None. Checked by building both on the meta device (no memory, no weights)."""
+    import timm
+
+    size = _TIMM_SIZES.get(model.embed_dim)
+    name = f"vit_{size}_patch{model.patch_size}_{model.img_size[0]}"
+    if size is None or model.img_size[0] != model.img_size[1] or name not in timm.list_models(name):
+        return None
+    kwargs, differences = timm_vit_kwargs(model, num_classes)
+    if differences:
+        return None
+    with torch.device("meta"):
+        registered = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                       in_chans=kwargs["in_chans"])
+        ours, _ = create_timm_equivalent(model, num_classes)
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (registered, ours)]
+    return name if shapes[0] == shapes[1] and registered.global_pool == ours.global_pool else None

@@ -336,7 +336,7 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     measure_cpu_memory = bool(b.memory) and device.type == "cpu" and not cfg.model.get("compile")
     total = int(b.warmup) + int(b.steps) + int(measure_cpu_memory)
     run_cfg = _bench_cfg(cfg, total)
-    set_backend(run_cfg.attention_backend)
+    set_backend(run_cfg.attention_backend, source=f"attention_backend={run_cfg.attention_backend}")
     try:
         source = build_source(run_cfg)
         num_classes, in_chans, data_note = source.num_classes, source.in_chans, source.name
@@ -432,7 +432,7 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     from timm.optim import create_optimizer_v2
     from timm.utils import dispatch_clip_grad
 
-    from vitlab.backbones.convert import create_timm_equivalent
+    from vitlab.backbones.convert import create_timm_equivalent, timm_model_name
     from vitlab.lit.build import build_recipe, resolve_precision
 
     b = cfg.bench
@@ -445,6 +445,7 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     timm.layers.set_fused_attn(True)
     model, differences = create_timm_equivalent(backbone, num_classes,
                                                 drop_path_rate=float(cfg.backbone.get("drop_path_rate") or 0.0))
+    registered = timm_model_name(backbone, num_classes)      # e.g. vit_base_patch16_224, when timm has the config
     del backbone
     smoothing = float(cfg.task.get("label_smoothing") or 0.0)
 
@@ -517,7 +518,8 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
            "compile": bool(b.reference_compile), "activation_checkpointing": False,
            "gflops_per_image_fwd": fwd_flops / 1e9, "gflops_per_image_train": train_flops / 1e9,
            "peak_memory_mib": memory["peak_bytes"] / 2 ** 20 if "peak_bytes" in memory else None,
-           "loader": "synthetic", "data": "synthetic", "timm_model": _timm_name(model),
+           "loader": "synthetic", "data": "synthetic",
+           "timm_model": f"{registered} (the same configuration)" if registered else _timm_name(model),
            "differences": differences, "timm": timm.__version__}
     _free(device)
     return row
@@ -576,6 +578,9 @@ def bench_train(cfg: DictConfig, argv: Sequence[str]) -> dict:
             ref_runs.append(run_timm(cfg, base_runs[0]["num_classes"], base_runs[0]["in_chans"]))
     base = _merge(base_runs)
     reference = _merge(ref_runs) if ref_runs else None
+    if reference is not None:
+        say(f"timm reference: {reference['timm_model']}"
+            + (f"; differences: {'; '.join(reference['differences'])}" if reference["differences"] else ""))
     if reference is not None and reference["params"] != base["params"] and not reference["differences"]:
         say(f"warning: parameter counts differ (vitlab {base['params']:,}, timm {reference['params']:,})")
     rows: list[dict] = [base]

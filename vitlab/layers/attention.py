@@ -77,12 +77,12 @@ def _is_compiling() -> bool:
 
 # --------------------------------------------------------------- the switch ---
 
-def set_backend(name: Backend) -> None:
-    """Choose the attention backend for the whole process."""
+def set_backend(name: Backend, source: str = "set by set_backend") -> None:
+    """Choose the attention backend for the whole process; ``source`` is how the log names who chose it."""
     global _backend, _source
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _backend, _source = name, "set by set_backend"
+    _backend, _source = name, source
 
 
 def get_backend() -> str:

@@ -221,7 +221,7 @@ class Run:
 
 def build_run(cfg: DictConfig) -> Run:
     """Everything a training run needs, validated before any work is done."""
-    set_attention_backend(cfg.attention_backend)
+    set_attention_backend(cfg.attention_backend, source=f"attention_backend={cfg.attention_backend}")
     source = build_source(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     recipe = build_recipe(cfg, source.num_classes, source.in_chans)
