@@ -229,7 +229,8 @@ class StepTimes:
 
 
 def _lightning_timer(times: StepTimes, measure_memory_at: Optional[int], device):
-    """A Lightning callback feeding ``times`` (and measuring memory in one step on the CPU)."""
+    """A Lightning callback feeding ``times``; it resets CUDA's peak-memory count when timing starts, and on the
+    CPU measures memory in the one step ``measure_memory_at``."""
     import pytorch_lightning as pl
     import torch
 
@@ -256,8 +257,6 @@ def _lightning_timer(times: StepTimes, measure_memory_at: Optional[int], device)
                 self._mem_ctx = None
                 return
             times.end()
-            if device.type == "cuda" and len(times.compute) == len(times.data) and times._step > times.warmup:
-                self.memory["peak_bytes"] = torch.cuda.max_memory_allocated(device)
 
     return _Timer()
 
@@ -318,6 +317,7 @@ def _bench_cfg(cfg: DictConfig, total_steps: int) -> DictConfig:
 def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     """Train ``bench.warmup + bench.steps`` steps with Lightning as vitlab-train would; return the row."""
     import pytorch_lightning as pl
+    import torch
 
     from vitlab.data import DatasetNotFoundError
     from vitlab.layers.attention import kernel_record, reset_kernel_record, set_backend
@@ -380,6 +380,8 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
         trainer.fit(module, train_dataloaders=SyntheticBatches(batch, total).loader())
     if len(times.compute) < int(b.steps):
         fail(f"only {len(times.compute)} of {b.steps} timed steps ran (the data ran out?); lower bench.steps")
+    if device.type == "cuda":                        # the timed steps' peak (the counter was reset at the first)
+        timer.memory["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     # the attention ops one forward of the trained (possibly compiled) model runs on the device, under the
     # precision's autocast: the kernels the timed steps used
     probe_images = synthetic_batch(2, in_chans, img_size, num_classes, device, seed=1)["image"]
@@ -470,7 +472,6 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
         model.compile()
     opt = create_optimizer_v2(model, opt=str(cfg.optim.get("name", "adamw")), lr=float(cfg.optim.lr),
                               weight_decay=float(cfg.optim.get("weight_decay", 0.0)))
-    autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     clip = cfg.trainer.get("gradient_clip_val")
     batch = synthetic_batch(batch_size, in_chans, cfg.data.img_size, num_classes, device, int(cfg.seed))
@@ -480,7 +481,7 @@ def run_timm(cfg: DictConfig, num_classes: int, in_chans: int) -> dict:
     memory: dict[str, Any] = {}
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with _autocast(device, precision):
             loss = loss_fn(model(images), labels)
         if scaler is not None:
             scaler.scale(loss).backward()

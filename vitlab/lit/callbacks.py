@@ -221,28 +221,31 @@ class DDPAgreement(pl.Callback):
             return
         from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for p in pl_module.parameters()):
-            # FSDP: each rank holds its own shard by design; the sharding keeps one copy of every value
-            for cb in trainer.callbacks:
-                if isinstance(cb, RunArtifacts):
-                    cb.final["ddp/world_size"] = trainer.world_size
-                    cb.write(trainer)
+        # FSDP: each rank holds its own shard by design (one copy of every value), nothing to compare
+        sharded = any(isinstance(p, DTensor) for p in pl_module.parameters())
+        divergence = None if sharded else self._max_divergence(pl_module)
+        for cb in trainer.callbacks:
+            if isinstance(cb, RunArtifacts):
+                cb.final["ddp/world_size"] = trainer.world_size
+                if divergence is not None:
+                    cb.final["ddp/max_param_divergence"] = divergence
+                cb.write(trainer)
+        if divergence is None:
             return
+        if divergence > self.tolerance:
+            raise RuntimeError(f"DDP ranks disagree after training: max parameter difference {divergence:g}")
+        if trainer.is_global_zero:
+            log.info("DDP: %d ranks hold identical weights", trainer.world_size)
+
+    @staticmethod
+    def _max_divergence(pl_module) -> float:
+        """Largest |parameter - rank 0's| over all parameters and ranks."""
         flat = torch.cat([p.detach().float().flatten() for p in pl_module.parameters()]).cpu()
         ref = flat.clone()
         dist.broadcast(ref, src=0)
         div = torch.tensor([(flat - ref).abs().max().item()])
         dist.all_reduce(div, op=dist.ReduceOp.MAX)
-        divergence = float(div.item())
-        for cb in trainer.callbacks:
-            if isinstance(cb, RunArtifacts):
-                cb.final["ddp/world_size"] = trainer.world_size
-                cb.final["ddp/max_param_divergence"] = divergence
-                cb.write(trainer)
-        if divergence > self.tolerance:
-            raise RuntimeError(f"DDP ranks disagree after training: max parameter difference {divergence:g}")
-        if trainer.is_global_zero:
-            log.info("DDP: %d ranks hold identical weights", trainer.world_size)
+        return float(div.item())
 
 
 # ------------------------------------------------------------- progress bar ---

@@ -1,7 +1,7 @@
 """The LightningModule: calls the recipe, logs, updates metrics, builds the optimizer.
 
 The training step never waits for the device outside logging intervals (``tests/lit/test_host_sync.py``
-proves it with :class:`vitlab.lit.callbacks.HostSyncGuard`): the non-finite loss check keeps its state on
+proves it with :class:`vitlab.lit.host_sync.HostSyncGuard`): the non-finite loss check keeps its state on
 the device and reads it back once per ``loss_check_interval``, at epoch end and before a checkpoint is
 written; the train loss is not a progress-bar metric (Lightning converts those to Python floats at every
 batch); the train accuracy is only updated per step (computed once per epoch).
