@@ -1,16 +1,21 @@
-"""One function builds every optimizer: parameter groups with and without weight decay."""
+"""One function builds every optimizer: parameter groups with and without weight decay, optional layer-wise lr
+decay, and SAM / ASAM around AdamW or SGD."""
 
 from __future__ import annotations
 
 import logging
-from typing import Literal, Sequence, Union
+import re
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from vitlab.optim.sam import SAM
+
 log = logging.getLogger(__name__)
 
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd", "sam"]
+BaseName = Literal["adamw", "sgd"]
 Fused = Union[bool, Literal["auto"]]
 
 
@@ -29,15 +34,90 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+# Parameters of the stem: layer id 0 under layer-wise lr decay (timm's param_groups_layer_decay idea, by name).
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token", "dist_token")
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """``"backbone."`` for a recipe (backbone + task + other modules), ``""`` for a bare backbone."""
+    return "backbone." if any(n.startswith("backbone.") for n, _ in model.named_parameters()) else ""
+
+
+def num_blocks(model: nn.Module, prefix: Optional[str] = None) -> int:
+    """The number of transformer blocks L: 1 + the largest i in ``{prefix}blocks.{i}.`` (frozen ones count)."""
+    prefix = backbone_prefix(model) if prefix is None else prefix
+    ids = [int(m.group(1)) for n, _ in model.named_parameters()
+           if n.startswith(prefix) and (m := _BLOCK.match(n[len(prefix):]))]
+    return max(ids) + 1 if ids else 0
+
+
+def layer_id_for(name: str, num_layers: int, prefix: str = "backbone.") -> int:
+    """Layer id of a parameter for layer-wise lr decay (BEiT, Bao et al. 2022; ELECTRA, Clark et al. 2020).
+
+    ``{prefix}blocks.{i}.*`` -> i + 1; the backbone's patch embedding and tokens (:data:`EMBEDDING_NAMES`)
+    -> 0; everything else (the backbone's final norm / fc_norm, the task head, other recipe modules such as an
+    MAE decoder) -> ``num_layers + 1``, which trains at the full lr.
+    """
+    if not name.startswith(prefix):
+        return num_layers + 1
+    rest = name[len(prefix):]
+    m = _BLOCK.match(rest)
+    if m:
+        return int(m.group(1)) + 1
+    if rest.split(".", 1)[0] in EMBEDDING_NAMES:
+        return 0
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
+    """Trainable parameters split into groups with and without weight decay.
+
+    Without ``layer_decay``: two groups, ``decay`` and ``no_decay``. With it: one group per (decay kind,
+    layer id) that has parameters, each with ``lr_scale = layer_decay ** (L + 1 - layer_id)`` (L = the number
+    of blocks, see :func:`layer_id_for`), its ``layer_id`` and a name such as ``decay_layer3`` under ``group``;
+    :func:`build_optimizer` sets each group's lr to lr * lr_scale.
+    """
     skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
+    if layer_decay is None:
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if n in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+    check_layer_decay(layer_decay)
+    prefix = backbone_prefix(model)
+    num_layers = num_blocks(model, prefix)
+    groups: dict[tuple[int, bool], dict] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if n in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
+        layer = layer_id_for(n, num_layers, prefix)
+        exempt = n in skip
+        if (layer, exempt) not in groups:
+            kind = "no_decay" if exempt else "decay"
+            groups[(layer, exempt)] = {"params": [], "weight_decay": 0.0 if exempt else weight_decay,
+                                       "lr_scale": layer_decay ** (num_layers + 1 - layer), "layer_id": layer,
+                                       "group": f"{kind}_layer{layer}"}
+        groups[(layer, exempt)]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]                 # embeddings first, head last; decay before no_decay
+
+
+def check_layer_decay(layer_decay: Optional[float]) -> None:
+    if layer_decay is not None and (isinstance(layer_decay, bool) or not 0 < layer_decay <= 1):
+        raise ValueError(f"optim.layer_decay must be in (0, 1] (e.g. 0.65 for ViT-B, 0.75 for ViT-L fine-tuning) "
+                         f"or null to turn it off, got {layer_decay!r}")
+
+
+def describe_layer_decay(groups: list[dict], layer_decay: float, num_layers: int) -> str:
+    """One line: the lr multipliers of the embeddings, the first and the last block, and the head."""
+    scales = {g["layer_id"]: g["lr_scale"] for g in groups}
+    label = {0: "embeddings", num_layers + 1: "head"}
+    parts = [f"x{scales[i]:.3g} ({label.get(i, f'block {i - 1}')})"
+             for i in sorted({0, 1, num_layers, num_layers + 1}) if i in scales]
+    return f"layer-wise lr decay {layer_decay} over {num_layers + 2} layers: " + " ... ".join(parts)
 
 
 def _fused_devices() -> set[str]:
@@ -60,14 +140,32 @@ def resolve_fused(fused: Fused, params: Sequence[torch.Tensor]) -> bool:
 
 def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float = 1e-3,
                     weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
-                    momentum: float = 0.9, nesterov: bool = False, fused: Fused = "auto") -> torch.optim.Optimizer:
-    """AdamW or SGD over two groups: decayed weights and everything exempt from decay.
+                    momentum: float = 0.9, nesterov: bool = False, fused: Fused = "auto",
+                    base: BaseName = "adamw", rho: float = 0.05, adaptive: bool = False,
+                    layer_decay: Optional[float] = None) -> torch.optim.Optimizer:
+    """AdamW, SGD, or SAM / ASAM around either, over groups of decayed weights and everything exempt from decay.
 
     ``fused`` (AdamW only): see :func:`resolve_fused`. Lightning builds the optimizer after the model is on
     its device, so ``auto`` sees where the parameters really are.
+    ``name="sam"``: ``base`` (adamw | sgd) is built with the same groups and arguments and wrapped in
+    :class:`vitlab.optim.sam.SAM` with ``rho`` and ``adaptive`` (ASAM; use a ~10x larger rho).
+    ``layer_decay``: layer-wise lr decay (fine-tuning): see :func:`param_groups`; None turns it off.
     """
-    groups = param_groups(model, weight_decay)
-    if name == "adamw":
+    if name not in ("adamw", "sgd", "sam"):
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or sam")
+    if name == "sam":
+        if base not in ("adamw", "sgd"):
+            raise ValueError(f"unknown optim.base {base!r} for SAM; choose adamw or sgd")
+        if isinstance(rho, bool) or not rho > 0:
+            raise ValueError(f"optim.rho must be > 0 (0.05 for SAM, ~0.5 with optim.adaptive=true), got {rho!r}")
+    check_layer_decay(layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay)
+    if layer_decay is not None:
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+        log.info(describe_layer_decay(groups, layer_decay, num_blocks(model)))
+    kind = base if name == "sam" else name
+    if kind == "adamw":
         params = [p for g in groups for p in g["params"]]
         use_fused = resolve_fused(fused, params)
         try:
@@ -75,7 +173,10 @@ def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float =
         except RuntimeError as e:
             raise RuntimeError(f"optim.fused=true is not supported here ({e}); use optim.fused=auto") from None
         log.info("optimizer: AdamW (%s)", "fused" if use_fused else "foreach")
-        return opt
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "sam":
+        opt = SAM(opt, rho=rho, adaptive=adaptive)
+        log.info("optimizer: %s around %s, rho=%g (two forward/backward passes per step)",
+                 "ASAM" if adaptive else "SAM", type(opt.base).__name__, rho)
+    return opt
