@@ -600,3 +600,169 @@ def test_compiled_vit_matches_eager():
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     for name, p in m.named_parameters():                  # the compiled wrapper trains the same parameters
         torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ------------------------------------------------------ distillation token ---
+
+def distilled(**kw) -> VisionTransformer:
+    """tiny() with DeiT's distillation token, set to non-zero values like the other tokens."""
+    m = tiny(distill_token=True, **kw)
+    with torch.no_grad():
+        m.dist_token.normal_()
+    return m
+
+
+def test_distill_token_shapes_and_feature():
+    m = distilled()
+    assert m.num_prefix_tokens == 2 and m.num_pos_prefix == 2
+    assert m.pos_embed.shape == (1, 2 + N, D)                      # rows: cls, dist, patches
+    out = m(images())
+    assert set(out) == {"cls", "dist", "patch", "patch_2d", "pooled", "prenorm", "grid"}
+    assert out["dist"].shape == (2, D) and out["patch"].shape == (2, N, D)
+    assert out["prenorm"].shape == (2, 2 + N, D)
+    normed = m.norm(out["prenorm"])
+    torch.testing.assert_close(out["cls"], normed[:, 0])
+    torch.testing.assert_close(out["dist"], normed[:, 1])
+    torch.testing.assert_close(out["patch"], normed[:, 2:])
+    torch.testing.assert_close(out["pooled"], out["cls"])         # the class token stays the representation
+    assert not torch.allclose(out["dist"], out["cls"], atol=1e-3)
+
+
+def test_distill_token_order_with_registers():
+    m = distilled(num_registers=3)
+    assert m.num_prefix_tokens == 5 and m.num_pos_prefix == 2     # registers get no position
+    out = m(images())
+    normed = m.norm(out["prenorm"])
+    torch.testing.assert_close(out["dist"], normed[:, 1])
+    torch.testing.assert_close(out["registers"], normed[:, 2:5])
+    torch.testing.assert_close(out["patch"], normed[:, 5:])
+
+
+def test_distill_token_gets_its_own_position():
+    m = distilled(depth=0)
+    x, grid = m.patch_embed(images())
+    tokens = m._pos_embed(x, grid)                                 # (B, 2 + N, D)
+    pos = m.pos_embed
+    torch.testing.assert_close(tokens[:, 0], (m.cls_token + pos[:, :1]).expand(2, -1, -1)[:, 0])
+    torch.testing.assert_close(tokens[:, 1], (m.dist_token + pos[:, 1:2]).expand(2, -1, -1)[:, 0])
+    torch.testing.assert_close(tokens[:, 2:], x + pos[:, 2:])
+    # class_pos_embed=False: no prefix token has a position row
+    m2 = distilled(depth=0, class_pos_embed=False)
+    assert m2.num_pos_prefix == 0 and m2.pos_embed.shape == (1, N, D)
+    tokens = m2._pos_embed(x, grid)
+    torch.testing.assert_close(tokens[:, 1], m2.dist_token.expand(2, -1, -1)[:, 0])
+    torch.testing.assert_close(tokens[:, 2:], x + m2.pos_embed)
+
+
+def test_distill_token_position_resamples_to_another_grid():
+    m = distilled()
+    out = m(images(H=48, W=40))
+    assert out["grid"] == (6, 5) and out["dist"].shape == (2, D) and out["patch"].shape == (2, 30, D)
+    # Same as a model built for 48x40 whose table was resampled once, with both prefix rows kept as they are.
+    m2 = distilled(img_size=(48, 40))
+    sd = dict(m.state_dict())
+    sd["pos_embed"] = resample_abs_pos_embed(m.pos_embed.detach(), (6, 5), GRID, num_prefix_tokens=2)
+    m2.load_state_dict(sd)
+    ref = m2(images(H=48, W=40))
+    torch.testing.assert_close(ref["dist"], out["dist"])
+    torch.testing.assert_close(ref["patch"], out["patch"])
+
+
+def test_distill_token_state_dict_params_and_no_weight_decay():
+    plain, dist = tiny(), distilled()
+    assert set(dist.state_dict()) - set(plain.state_dict()) == {"dist_token"}
+    assert n_params(dist) - n_params(plain) == D + D               # the token and its position row
+    assert dist.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    # the default builds no token: the same model as before
+    assert tiny(distill_token=False).state_dict().keys() == plain.state_dict().keys()
+    assert plain.dist_token is None and plain.num_prefix_tokens == 1 and "dist" not in plain(images())
+
+
+def test_distill_token_init_and_gradient():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=256, depth=1, num_heads=4, distill_token=True)
+    assert 0.015 < m.dist_token.std().item() < 0.025                # trunc-normal(0.02), as timm
+    m = distilled().train()
+    m(images())["dist"].sum().backward()
+    assert m.dist_token.grad is not None and m.dist_token.grad.abs().sum() > 0
+    assert m.pos_embed.grad[:, 1].abs().sum() > 0
+
+
+def test_distill_token_with_dropped_tokens():
+    m = distilled()
+    x, mask = images(), _mask(n_masked=6)
+    out = m(x, mask=mask)
+    assert out["prenorm"].shape == (2, 2 + N - 6, D) and out["patch"].shape == (2, N - 6, D)
+    m0 = distilled(depth=0)
+    full, kept = m0(x), m0(x, mask=mask)
+    torch.testing.assert_close(kept["dist"], full["dist"])        # no blocks: the prefix is untouched by masking
+
+
+def test_distill_token_needs_a_class_token():
+    with pytest.raises(ValueError, match="class_token=True"):
+        tiny(distill_token=True, class_token=False, global_pool="avg")
+
+
+def test_distilled_timm_deit_converts_to_the_same_logits(tmp_path):
+    """timm's VisionTransformerDistilled -> vitlab ViT with a distillation token + both heads: timm's logits
+    (the mean of the two heads), from a state dict and through load_timm_weights from a file."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    from vitlab.backbones.convert import convert_timm_vit, load_timm_weights
+    from vitlab.heads.classification import ClassificationHead
+
+    torch.manual_seed(0)
+    t = VisionTransformerDistilled(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                   num_classes=5).eval()
+    with torch.no_grad():
+        for name in ("cls_token", "dist_token", "pos_embed"):
+            getattr(t, name).normal_()
+        t.head.bias.normal_()
+        t.head_dist.bias.normal_()
+    x = images()
+    with torch.no_grad():
+        ref = t(x)
+    for class_pos_embed in (True, False):                          # False: the position rows fold into the tokens
+        ours = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                                 distill_token=True, class_pos_embed=class_pos_embed).eval()
+        head, dist_head = ClassificationHead(D, 5).eval(), torch.nn.Linear(D, 5)
+        bb, heads = convert_timm_vit(t.state_dict(), ours)
+        assert set(heads) == {"fc.weight", "fc.bias", "dist_head.weight", "dist_head.bias"}
+        ours.load_state_dict(bb)
+        head.load_state_dict({k: v for k, v in heads.items() if k.startswith("fc.")})
+        dist_head.load_state_dict({k[len("dist_head."):]: v for k, v in heads.items() if k.startswith("dist_head.")})
+        with torch.no_grad():
+            f = ours(x)
+            got = (head(f) + dist_head(f["dist"])) / 2
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    path = tmp_path / "deit_distilled.pth"
+    torch.save({"model": t.state_dict()}, path)
+    ours = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
+                             distill_token=True).eval()
+    head, dist_head = ClassificationHead(D, 5).eval(), torch.nn.Linear(D, 5)
+    load_timm_weights(ours, str(path), head=head, dist_head=dist_head)
+    with torch.no_grad():
+        f = ours(x)
+        torch.testing.assert_close((head(f) + dist_head(f["dist"])) / 2, ref, atol=1e-4, rtol=1e-4)
+    # A plain ViT still refuses the distilled weights, naming the fix.
+    with pytest.raises(ValueError, match="distill_token=True"):
+        convert_timm_vit(t.state_dict(), tiny())
+
+
+def test_plain_timm_vit_loads_into_a_distilled_vit(tmp_path):
+    """Fine-tuning a DeiT student from plain ViT weights: everything but the distillation token is loaded."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from vitlab.backbones.convert import load_timm_weights
+
+    torch.manual_seed(0)
+    t = TimmViT(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=5)
+    path = tmp_path / "vit.pth"
+    torch.save(t.state_dict(), path)
+    ours = distilled()
+    token = ours.dist_token.detach().clone()
+    load_timm_weights(ours, str(path))
+    assert torch.equal(ours.dist_token, token)
+    torch.testing.assert_close(ours.pos_embed[:, 0], t.pos_embed[:, 0].detach())
+    assert torch.equal(ours.pos_embed[:, 1], torch.zeros_like(ours.pos_embed[:, 1]))
+    torch.testing.assert_close(ours.pos_embed[:, 2:], t.pos_embed[:, 1:].detach())

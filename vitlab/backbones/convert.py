@@ -7,6 +7,10 @@ its constant position embedding is itself a constant, the conversion folds
 what vitlab has no slot for into the token, which is exact. The patch grid is
 resampled bicubically when the image size or patch grid differs.
 
+Distilled DeiT (timm's ``VisionTransformerDistilled``: ``dist_token``,
+``head_dist``) loads into a ViT built with ``distill_token=True``; its
+distillation head comes back as ``dist_head.*`` for ``vitlab.recipes.Distill``.
+
 Sources accepted by :func:`load_timm_weights`: a local file (``.pth``, ``.bin``,
 ``.safetensors``), an http(s) URL (cached by ``torch.hub``), or ``timm:NAME``
 for a timm model's pretrained weights from the hub (needs internet).
@@ -27,7 +31,8 @@ from vitlab.layers.pos_embed import resample_abs_pos_embed
 
 log = logging.getLogger(__name__)
 
-_UNSUPPORTED = ("dist_token", "head_dist", "norm_pre", "attn.norm", "mlp.norm")
+_UNSUPPORTED = ("norm_pre", "attn.norm", "mlp.norm")
+_DISTILLED = ("dist_token", "head_dist")          # supported only by a ViT built with distill_token=True
 
 
 def _infer_prefix_in_pos(n_pos: int, candidates: list[int], old_grid: Optional[tuple[int, int]],
@@ -64,40 +69,54 @@ def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransform
 
     Returns (backbone_state, head_state); head_state holds ``fc.weight`` /
     ``fc.bias`` for :class:`vitlab.heads.ClassificationHead` when the source has
-    a classifier.
+    a classifier, and ``dist_head.weight`` / ``dist_head.bias`` (the Distill
+    recipe's distillation head) when it is a distilled DeiT.
     """
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    bad = sorted(k for k in sd if any(k == u or f".{u}." in f".{k}" for u in _UNSUPPORTED))
+    has_dist_slot = getattr(model, "dist_token", None) is not None
+    unsupported = _UNSUPPORTED if has_dist_slot else _UNSUPPORTED + _DISTILLED
+    bad = sorted(k for k in sd if any(k == u or f".{u}." in f".{k}" for u in unsupported))
     if bad:
         raise ValueError(f"this timm checkpoint has parts vitlab's ViT does not model: {bad[:6]}. "
-                         "Distilled DeiT tokens and extra norms are not supported by the plain ViT.")
+                         "Extra norms are not supported; Distilled DeiT tokens need a backbone built with "
+                         "distill_token=True (recipe=distill).")
     backbone: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k.startswith("head."):
             head["fc." + k[len("head."):]] = v
+        elif k.startswith("head_dist."):
+            head["dist_head." + k[len("head_dist."):]] = v
         elif k not in ("pos_embed",):
             backbone[k] = v
 
     has_cls = "cls_token" in sd
+    has_dist = "dist_token" in sd          # timm's prefix order: [cls, dist, registers]
     R = sd["reg_token"].shape[1] if "reg_token" in sd else 0
     if has_cls != model.has_class_token or R != model.num_registers:
         raise ValueError(f"source has class_token={has_cls}, {R} registers; the target model has "
                          f"class_token={model.has_class_token}, {model.num_registers} registers")
     if "pos_embed" in sd:
         pos = sd["pos_embed"]
-        k, src_grid = _infer_prefix_in_pos(pos.shape[1], [int(has_cls) + R, 0], old_grid, model.grid)
+        k, src_grid = _infer_prefix_in_pos(pos.shape[1], [int(has_cls) + int(has_dist) + R, 0], old_grid,
+                                           model.grid)
         prefix_pos, grid_pos = pos[:, :k], pos[:, k:]
         cls_pos = prefix_pos[:, :1] if (k and has_cls) else None
-        reg_pos = prefix_pos[:, int(has_cls):] if (k and R) else None
+        dist_pos = prefix_pos[:, 1:2] if (k and has_dist) else None
+        reg_pos = prefix_pos[:, int(has_cls) + int(has_dist):] if (k and R) else None
         if reg_pos is not None:                              # vitlab registers carry no position: fold
             backbone["reg_token"] = backbone["reg_token"] + reg_pos
         if model.num_pos_prefix:
-            cls_row = cls_pos if cls_pos is not None else torch.zeros_like(grid_pos[:, :1])
-            new_pos = torch.cat([cls_row, grid_pos], dim=1)
+            zero = torch.zeros_like(grid_pos[:, :1])
+            rows = [cls_pos if cls_pos is not None else zero]
+            if has_dist_slot:                                # a source without a dist token: a zero row
+                rows.append(dist_pos if dist_pos is not None else zero)
+            new_pos = torch.cat(rows + [grid_pos], dim=1)
         else:
             if cls_pos is not None:                          # no class slot in the table: fold
                 backbone["cls_token"] = backbone["cls_token"] + cls_pos
+            if dist_pos is not None:
+                backbone["dist_token"] = backbone["dist_token"] + dist_pos
             new_pos = grid_pos
         if model.pos_embed is None:
             raise ValueError("source has position embeddings but the target model was built with pos_embed='none'")
@@ -135,23 +154,33 @@ def _read_state_dict(source: str, cache_dir: Optional[str] = None) -> dict[str, 
 
 def load_timm_weights(model: VisionTransformer, source: str, head: Optional[torch.nn.Module] = None,
                       old_grid: Optional[tuple[int, int]] = None, cache_dir: Optional[str] = None,
-                      strict: bool = True) -> None:
+                      strict: bool = True, dist_head: Optional[torch.nn.Module] = None) -> None:
     """Load timm ViT/DeiT weights from ``source`` into ``model`` (and its classifier ``head``).
 
     The head is loaded only when its shape matches (fine-tuning on another
-    number of classes keeps the fresh head, with a log line saying so).
+    number of classes keeps the fresh head, with a log line saying so). A
+    distilled DeiT's ``head_dist`` goes to ``dist_head`` (the Distill recipe's
+    ``dist_head``) under the same rule. Plain ViT weights loaded into a model
+    with a distillation token leave that token (and its position row, zero) fresh.
     """
     backbone_sd, head_sd = convert_timm_vit(_read_state_dict(source, cache_dir), model, old_grid)
     missing, unexpected = model.load_state_dict(backbone_sd, strict=False)
-    missing = [k for k in missing if k != "mask_token"]
+    missing = [k for k in missing if k not in ("mask_token", "dist_token")]
     if strict and (missing or unexpected):
         raise ValueError(f"timm weights do not fit this ViT: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    if head is not None and head_sd:
-        own = head.state_dict()
-        if all(k in own and own[k].shape == v.shape for k, v in head_sd.items()):
-            head.load_state_dict(head_sd, strict=False)
+    if getattr(model, "dist_token", None) is not None and "dist_token" not in backbone_sd:
+        log.info("the source has no distillation token: the model's starts from its initialisation")
+    for module, prefix, what in ((head, "fc.", "classifier"), (dist_head, "dist_head.", "distillation head")):
+        part = {k: v for k, v in head_sd.items() if k.startswith(prefix)}
+        if module is None or not part:
+            continue
+        if prefix == "dist_head.":                          # the recipe's dist_head is a bare nn.Linear
+            part = {k[len(prefix):]: v for k, v in part.items()}
+        own = module.state_dict()
+        if all(k in own and own[k].shape == v.shape for k, v in part.items()):
+            module.load_state_dict(part, strict=False)
         else:
-            log.info("timm classifier not loaded: its shape differs from this head (new number of classes)")
+            log.info("timm %s not loaded: its shape differs from this head (new number of classes)", what)
     log.info("loaded timm weights from %s", source)
 
 
@@ -180,6 +209,9 @@ def timm_vit_kwargs(model: VisionTransformer, num_classes: int) -> tuple[dict, l
     differences = []
     if model.rope is not None:
         differences.append("2-D RoPE (timm's VisionTransformer has none; the reference runs without it)")
+    if getattr(model, "dist_token", None) is not None:
+        differences.append("the DeiT distillation token (timm's VisionTransformer has none; the reference runs "
+                           "without it)")
     if model.num_registers and model.num_pos_prefix:
         # vitlab gives registers no position; timm with no_embed_class=False gives every prefix token one
         differences.append("position rows for registers (timm adds them; vitlab's registers have none)")

@@ -5,6 +5,8 @@ factories. Options from later papers:
 
 - class token or global average pooling (``global_pool``),
 - register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024),
+- a distillation token (Touvron et al., "Training data-efficient image transformers & distillation
+  through attention", ICML 2021; ``distill_token``), read by ``vitlab.recipes.Distill``,
 - LayerScale (Touvron et al., CaiT, ICCV 2021),
 - QK-norm (Dehghani et al., "Scaling Vision Transformers to 22B Parameters", 2023),
 - stochastic depth with DeiT's linear rule,
@@ -104,6 +106,7 @@ class VisionTransformer(nn.Module):
 
     forward(images (B, C, H, W), mask (B, N) bool, True = masked) -> {
         "cls": (B, D)            class token after the final norm (if class_token)
+        "dist": (B, D)           DeiT's distillation token after the final norm (if distill_token)
         "registers": (B, R, D)   register tokens after the final norm (if num_registers)
         "patch": (B, N', D)      patch tokens after the final norm (N' < N when masked tokens were
                                  dropped; with global_pool='avg' the final norm moves to fc_norm
@@ -134,6 +137,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         qk_norm: bool = False,
         class_token: bool = True,
+        distill_token: bool = False,
         global_pool: Literal["token", "avg"] = "token",
         num_registers: int = 0,
         layer_scale_init: float | None = None,
@@ -154,6 +158,9 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
         if pos_embed not in ("learned", "none"):
             raise ValueError(f"pos_embed must be 'learned' or 'none', got {pos_embed!r}")
+        if distill_token and not class_token:
+            raise ValueError("distill_token=True needs class_token=True (DeiT's distillation token sits beside the "
+                             "class token); set backbone.class_token=true or drop the distillation token")
         self.img_size = _pair(img_size)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -161,15 +168,17 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.has_class_token = class_token
         self.num_registers = num_registers
-        self.num_prefix_tokens = int(class_token) + num_registers
+        self.num_prefix_tokens = int(class_token) + int(distill_token) + num_registers   # [cls, dist, registers]
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distill_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
-        # Registers never get a position (Darcet et al.); the class token does in the original ViT.
-        self.num_pos_prefix = int(class_token and class_pos_embed)
+        # Registers never get a position (Darcet et al.); the class token does in the original ViT, and DeiT
+        # gives its distillation token one too (the rows are [cls, dist, patches...]).
+        self.num_pos_prefix = int(class_token and class_pos_embed) + int(distill_token and class_pos_embed)
         n_pos = self.grid[0] * self.grid[1] + self.num_pos_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, embed_dim)) if pos_embed == "learned" else None
         self.pos_drop = nn.Dropout(drop_rate)
@@ -189,7 +198,7 @@ class VisionTransformer(nn.Module):
 
     # -------------------------------------------------------------- init ---
     def init_weights(self) -> None:
-        for p in (self.pos_embed, self.reg_token, self.mask_token):
+        for p in (self.pos_embed, self.reg_token, self.mask_token, self.dist_token):   # dist: trunc-normal, as timm
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         if self.cls_token is not None:
@@ -198,7 +207,8 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that take no weight decay beyond norms and biases."""
-        return {n for n in ("pos_embed", "cls_token", "reg_token", "mask_token") if getattr(self, n) is not None}
+        return {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
+                if getattr(self, n) is not None}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (timm's name).
@@ -210,7 +220,7 @@ class VisionTransformer(nn.Module):
 
     # ----------------------------------------------------------- forward ---
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Add position embeddings to the patches and prepend class and register tokens."""
+        """Add position embeddings to the patches and prepend class, distillation and register tokens."""
         B = x.shape[0]
         pos = None
         if self.pos_embed is not None:
@@ -224,32 +234,42 @@ class VisionTransformer(nn.Module):
             if pos is not None and self.num_pos_prefix:
                 cls = cls + pos[:, :1]
             prefix.append(cls.expand(B, -1, -1))
+        if self.dist_token is not None:
+            dist = self.dist_token
+            if pos is not None and self.num_pos_prefix:
+                dist = dist + pos[:, 1:2]                                  # row 1: the distillation token's
+            prefix.append(dist.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
         return torch.cat(prefix + [x], dim=1) if prefix else x
 
-    def _drop_masked(self, x: torch.Tensor, mask: torch.Tensor
+    def _drop_masked(self, x: torch.Tensor, mask: torch.Tensor, num_keep: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """MAE: keep only the unmasked patches of x (B, P + N, D), in grid order.
 
         Returns (x (B, P + N', D), ids_keep (B, N'), token_valid (B, N') or None). When samples keep
         different numbers, N' is the largest count, shorter samples are padded (patch index 0 at the
         padded slots, harmless because the blocks never attend to them) and token_valid marks the real ones.
+        ``num_keep``: every sample keeps exactly this many (MAE's masking), so the counts are not read back
+        from the device (no host sync).
         """
         D = x.shape[-1]
         P = self.num_prefix_tokens
         n_keep = (~mask).sum(1)                                              # (B,)
-        n_max = int(n_keep.max())
+        n_max = int(num_keep) if num_keep is not None else int(n_keep.max())
         # A stable sort of the mask puts each sample's kept patch indices first, in increasing order.
         ids_keep = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :n_max]     # (B, N')
         token_valid = None
-        if not bool((n_keep == n_max).all()):
+        if num_keep is None and not bool((n_keep == n_max).all()):
             token_valid = torch.arange(n_max, device=mask.device) < n_keep[:, None]       # (B, N')
             ids_keep = ids_keep.masked_fill(~token_valid, 0)
         kept = torch.gather(x[:, P:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))       # (B, N', D)
         return torch.cat([x[:, :P], kept], dim=1), ids_keep, token_valid
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Features:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                num_keep: int | None = None) -> Features:
+        """``num_keep`` (dropping masks only): the number of patches every sample keeps, when the caller knows it
+        (MAE): the forward then never waits for the device. A mask keeping other counts gives wrong results."""
         x, grid = self.patch_embed(images)                                  # (B, N, D)
         B, N, D = x.shape
         ids_keep = token_valid = key_padding_mask = None
@@ -261,7 +281,7 @@ class VisionTransformer(nn.Module):
                 x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).expand(B, N, D), x)
         x = self._pos_embed(x, grid)                                        # (B, P + N, D)
         if mask is not None and self.mask_token is None:                    # MAE: drop
-            x, ids_keep, token_valid = self._drop_masked(x, mask)           # (B, P + N', D)
+            x, ids_keep, token_valid = self._drop_masked(x, mask, num_keep)  # (B, P + N', D)
             if token_valid is not None:                                     # prefix tokens are always real
                 key_padding_mask = F.pad(token_valid, (self.num_prefix_tokens, 0), value=True)   # (B, P + N')
         x = self.pos_drop(x)
@@ -290,6 +310,8 @@ class VisionTransformer(nn.Module):
         out: Features = {"prenorm": prenorm, "patch": patch, "grid": grid}
         if self.has_class_token:
             out["cls"] = x[:, 0]
+        if self.dist_token is not None:
+            out["dist"] = x[:, 1]                                           # (B, D), right after the class token
         if R:
             out["registers"] = x[:, P - R:P]
         if ids_keep is None:

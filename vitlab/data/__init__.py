@@ -9,8 +9,9 @@ from vitlab.data.hf import HFDataset, HFImageDataset
 from vitlab.data.imagefolder import ImageFolder
 from vitlab.data.imagenet import ImageNet
 from vitlab.data.mixup import build_mixup
+from vitlab.data.multicrop import MultiCropTransform
 from vitlab.data.transforms import build_transforms
 
 __all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DatasetNotFoundError", "DictDataset",
            "SPLITS", "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
-           "ImageFolder", "ImageNet", "build_mixup", "build_transforms"]
+           "ImageFolder", "ImageNet", "MultiCropTransform", "build_mixup", "build_transforms"]

@@ -15,7 +15,11 @@ from vitlab.layers.drop_path import DropPath, linear_drop_path_rates
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import PatchEmbed
-from vitlab.layers.pos_embed import RotaryEmbedding2D, resample_abs_pos_embed
+from vitlab.layers.pos_embed import (
+    RotaryEmbedding2D,
+    resample_abs_pos_embed,
+    sincos_2d_pos_embed,
+)
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +36,7 @@ __all__ = [
     "resample_abs_pos_embed",
     "reset_kernel_record",
     "set_backend",
+    "sincos_2d_pos_embed",
     "use_backend",
     "varlen_attention",
 ]

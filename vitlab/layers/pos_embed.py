@@ -1,4 +1,4 @@
-"""Position information: learned absolute embeddings (with resampling) and 2-D axial RoPE."""
+"""Position information: learned absolute embeddings (with resampling), fixed 2-D sin-cos, and 2-D axial RoPE."""
 
 from __future__ import annotations
 
@@ -34,6 +34,34 @@ def resample_abs_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int],
     grid_pe = F.interpolate(grid_pe, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
     grid_pe = grid_pe.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(orig_dtype)
     return torch.cat([prefix, grid_pe], dim=1)
+
+
+def sincos_2d_pos_embed(embed_dim: int, grid_hw: tuple[int, int], cls_token: bool = False) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings (1, [1 +] h*w, D), as MAE's ``get_2d_sincos_pos_embed``.
+
+    Half of the channels encode the patch's column (x) and half its row (y), each as [sin, cos] of the
+    coordinate at frequencies 10000^(-k / (D/4)); rows are in row-major grid order (the order of
+    PatchEmbed's tokens). ``cls_token`` prepends an all-zero row for a class token. Used by the MAE
+    decoder (He et al. 2022), where the table is a fixed buffer, not a parameter.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need a width divisible by 4, got {embed_dim}; "
+                         "pick a multiple of 4 (e.g. the MAE decoder's decoder_embed_dim)")
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)          # (D/4,)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")                                                 # (h, w) each
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:                                       # (h*w,) -> (h*w, D/2)
+        ang = pos.reshape(-1, 1) * omega
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+    # MAE's order: the first half from the column coordinate, the second from the row coordinate.
+    emb = torch.cat([one_axis(xs), one_axis(ys)], dim=1).float()                           # (h*w, D)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim), emb], dim=0)
+    return emb.unsqueeze(0)
 
 
 # ------------------------------------------------------------ 2-D axial RoPE ---
