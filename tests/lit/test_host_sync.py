@@ -196,6 +196,7 @@ def test_the_clis_callbacks_add_no_host_sync(tmp_path):
     """The callbacks of conf/callbacks/default.yaml (progress bar shown, lr monitor, checkpoints, artifacts)
     with a CSV logger, as vitlab-train runs them."""
     cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)},
+                            "recipe": {"monitor": "val/top1", "monitor_mode": "max"},
                             "callbacks": OmegaConf.load(REPO / "conf" / "callbacks" / "default.yaml")})
     callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c is not None]
     bar = next(c for c in callbacks if isinstance(c, LightningProgressBar))

@@ -9,6 +9,8 @@ here and printed at start.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.callbacks.progress import ProgressBar
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.data import ClassificationSource
@@ -42,14 +44,108 @@ def build_source(cfg: DictConfig, check: bool = True) -> ClassificationSource:
 
 
 def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int) -> Recipe:
-    backbone = instantiate(cfg.backbone, img_size=cfg.data.img_size, in_chans=in_chans, _convert_="all")
+    """backbone (+ the options the recipe needs, e.g. SimMIM's mask token) -> task -> recipe, then ``weights``."""
+    recipe_cls = get_class(cfg.recipe._target_)
+    recipe_args = OmegaConf.to_container(cfg.recipe, resolve=True)
+    extra = recipe_cls.backbone_options(**{k: v for k, v in recipe_args.items() if not k.startswith("_")}) \
+        if hasattr(recipe_cls, "backbone_options") else {}
+    backbone = instantiate(cfg.backbone, img_size=cfg.data.img_size, in_chans=in_chans, _convert_="all", **extra)
     task = instantiate(cfg.task, in_dim=backbone.embed_dim, num_classes=num_classes, _convert_="all")
-    recipe = instantiate(cfg.recipe, backbone=backbone, task=task, _convert_="all")
+    kwargs = {}
+    if "teacher_factory" in inspect.signature(recipe_cls).parameters and recipe_args.get("teacher"):
+        # loaded lazily by the recipe, on its first training step: evaluating a distilled student never needs it
+        kwargs["teacher_factory"] = functools.partial(load_teacher, recipe_args["teacher"],
+                                                      recipe_args.get("teacher_model"), num_classes, in_chans)
+    recipe = instantiate(cfg.recipe, backbone=backbone, task=task, _convert_="all", **kwargs)
     if cfg.get("weights"):
-        from vitlab.backbones.convert import load_timm_weights
-
-        load_timm_weights(backbone, cfg.weights, head=getattr(task, "head", None))
+        load_weights(recipe, cfg.weights)
     return recipe
+
+
+def is_vitlab_checkpoint(path: str) -> bool:
+    """A file written by vitlab-train (it holds the resolved config under "vitlab")."""
+    p = Path(str(path))
+    if not p.is_file() or p.suffix == ".safetensors":
+        return False
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return False
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("vitlab"), dict)
+
+
+def load_weights(recipe: Recipe, source: str) -> None:
+    """``weights=...``: initialise the backbone from a vitlab checkpoint (any recipe's: the backbone it evaluates,
+    e.g. MAE's encoder or DINO's teacher, EMA weights when the run kept them), or from timm ViT / DeiT weights
+    (a file, an URL, or timm:NAME). Position embeddings are resampled to this run's grid; the task head starts
+    fresh for a vitlab checkpoint (fine-tuning), and is loaded from timm weights when it fits."""
+    if is_vitlab_checkpoint(source):
+        pretrained = load_checkpoint(source).eval_recipe().eval_backbone()
+        load_backbone_state(recipe.backbone, pretrained.state_dict(), source)
+        return
+    from vitlab.backbones.convert import load_timm_weights
+
+    load_timm_weights(recipe.backbone, source, head=getattr(recipe.task, "head", None),
+                      dist_head=getattr(recipe, "dist_head", None))
+
+
+def load_backbone_state(backbone: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a backbone state dict into ``backbone``, resampling position embeddings to its grid. Tokens one side
+    has and the other lacks (a mask token from MAE/SimMIM pretraining, a distillation token) are reported."""
+    from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+    own = backbone.state_dict()
+    state = dict(state)
+    pe = state.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
+        prefix = getattr(backbone, "num_pos_prefix", 1)
+        n_old = pe.shape[1] - prefix
+        side = int(round(n_old ** 0.5))
+        if side * side != n_old:
+            raise ValueError(f"cannot resample the position embeddings of {source}: {n_old} patches is not a square "
+                             "grid")
+        state["pos_embed"] = resample_abs_pos_embed(pe, backbone.grid, (side, side), prefix)
+        log.info("weights: position embeddings resampled from %dx%d to %dx%d", side, side, *backbone.grid)
+    optional = ("mask_token", "dist_token")
+    shape_bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if shape_bad:
+        raise ValueError(f"the weights in {source} do not fit this backbone: {', '.join(shape_bad[:5])} differ in "
+                         "shape (a different width, depth or patch size?); use the backbone the checkpoint was "
+                         "trained with")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if [k for k in missing if k not in optional] or [k for k in unexpected if k not in optional]:
+        raise ValueError(f"the weights in {source} do not fit this backbone: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}; use the backbone configuration the checkpoint was trained with")
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    log.info("weights: backbone initialised from %s%s", source,
+             f" (kept fresh: {', '.join(missing)}; not used: {', '.join(unexpected)})" if missing or unexpected else "")
+
+
+def load_teacher(path: str, teacher_model: Optional[str], num_classes: int, in_chans: int) -> torch.nn.Module:
+    """The distillation teacher (images -> logits), frozen: a vitlab checkpoint of any classifier (its EMA weights
+    when it kept them), or a timm model ``teacher_model`` whose weights are in the file ``path``."""
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"recipe.teacher={path} does not exist; give a vitlab checkpoint (a run's "
+                                "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
+    if is_vitlab_checkpoint(path):
+        module = load_checkpoint(path)
+        got = module.data_info.get("num_classes")
+        if got != num_classes:
+            raise ValueError(f"the teacher {path} predicts {got} classes but this dataset has {num_classes}; "
+                             "distil from a teacher trained on the same classes")
+        teacher = module.eval_recipe()
+        if teacher.pretraining:
+            raise ValueError(f"the teacher {path} is a {type(teacher).__name__} pretraining checkpoint without a "
+                             "trained classifier; fine-tune it first (recipe=supervised weights=PATH)")
+        log.info("distillation teacher: %s from %s", type(teacher.backbone).__name__, path)
+        return teacher
+    from vitlab.recipes.distill import load_timm_teacher
+
+    if not teacher_model:
+        raise ValueError(f"recipe.teacher={path} is not a vitlab checkpoint; name its timm architecture with "
+                         "recipe.teacher_model=NAME (e.g. resnet50)")
+    return load_timm_teacher(path, teacher_model, num_classes, in_chans)
 
 
 def apply_model_options(recipe: Recipe, options: Optional[DictConfig]) -> list[str]:
@@ -136,14 +232,25 @@ def derive(cfg: DictConfig, recipe: Recipe) -> Derived:
 
 # ------------------------------------------------------------- lightning ---
 
-def build_datamodule(cfg: DictConfig, source: ClassificationSource) -> VitlabDataModule:
+def build_datamodule(cfg: DictConfig, source: ClassificationSource, recipe: Optional[Recipe] = None
+                     ) -> VitlabDataModule:
     d = cfg.data
     mixup = OmegaConf.to_container(d.mixup, resolve=True) if d.get("mixup") else None
+    train_transform = recipe.train_transform(d.img_size, source.mean, source.std, source.in_chans) \
+        if recipe is not None else None
+    if train_transform is not None:
+        log.info("data: the %s recipe's own training transform replaces data.augment", type(recipe).__name__)
+        if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
+            from vitlab.data.base import DataConfigError
+
+            raise DataConfigError(f"recipe {type(recipe).__name__} brings its own multi-view transform; mixup / "
+                                  "cutmix cannot mix lists of views: set data.mixup.mixup_alpha=0 and "
+                                  "data.mixup.cutmix_alpha=0")
     return VitlabDataModule(source, img_size=d.img_size, batch_size=d.batch_size, num_workers=d.num_workers,
                             augment=OmegaConf.to_container(d.augment, resolve=True), seed=cfg.seed,
                             eval_batch_size=d.get("eval_batch_size"), mixup=mixup,
                             repeated_aug=d.get("repeated_aug", 0), batched_augment=d.get("batched_augment", False),
-                            max_corrupt_fraction=d.get("max_corrupt_fraction", 0.01))
+                            max_corrupt_fraction=d.get("max_corrupt_fraction", 0.01), train_transform=train_transform)
 
 
 def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: ClassificationSource) -> VitlabModule:
@@ -152,7 +259,17 @@ def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: Clas
     return VitlabModule(recipe, optimizer_factory, scheduler_factory,
                         config=OmegaConf.to_container(cfg, resolve=True),
                         data_info={"num_classes": source.num_classes, "in_chans": source.in_chans},
-                        loss_check_interval=cfg.get("loss_check_interval"))
+                        loss_check_interval=cfg.get("loss_check_interval"), ema=_ema_options(cfg))
+
+
+def _ema_options(cfg: DictConfig) -> Optional[dict]:
+    ema = cfg.get("ema")
+    if not ema or not ema.get("enabled"):
+        return None
+    if cfg.trainer.get("strategy") == "fsdp" or "fsdp" in str(cfg.trainer.get("strategy", "")).lower():
+        raise ValueError("ema.enabled=true is not supported with trainer=fsdp yet (the EMA copy is not sharded); "
+                         "use trainer=ddp, or turn the EMA off")
+    return OmegaConf.to_container(ema, resolve=True)
 
 
 def _loggers(cfg: DictConfig, wandb_run_id: Optional[str]) -> list:
@@ -225,10 +342,10 @@ def build_run(cfg: DictConfig) -> Run:
     source = build_source(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     recipe = build_recipe(cfg, source.num_classes, source.in_chans)
+    derived = derive(cfg, recipe)
+    module = build_module(cfg, recipe, derived, source)        # before compile: the EMA copies the eager recipe
     for what in apply_model_options(recipe, cfg.get("model")):
         log.info("model: %s", what)
-    derived = derive(cfg, recipe)
-    module = build_module(cfg, recipe, derived, source)
     wandb_id = None
     if cfg.get("ckpt_path"):
         if not Path(cfg.ckpt_path).is_file():
@@ -239,7 +356,7 @@ def build_run(cfg: DictConfig) -> Run:
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             module.wandb_run_id = lg.version
-    datamodule = build_datamodule(cfg, source)
+    datamodule = build_datamodule(cfg, source, recipe)
     datamodule.validate(trainer.world_size)          # e.g. too few shards for ranks x workers: stop now
     return Run(cfg, source, module, datamodule, trainer, derived)
 
@@ -255,7 +372,7 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> VitlabModule:
     cfg = OmegaConf.merge(OmegaConf.create(meta["config"]), {"weights": None})
     info = meta["data_info"]
     module = VitlabModule(build_recipe(cfg, info["num_classes"], info["in_chans"]), config=meta["config"],
-                          data_info=info)
+                          data_info=info, ema=_ema_options(cfg))
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
     return module

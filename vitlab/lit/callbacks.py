@@ -101,7 +101,7 @@ class RunArtifacts(pl.Callback):
         self._epoch_t0, self._images = time.time(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += len(batch["image"]) * trainer.world_size
+        self._images += _batch_len(batch) * trainer.world_size
         loss = trainer.callback_metrics.get("train/loss_step")
         if loss is not None and trainer.is_global_zero:
             # kept on the device and read back together on logging steps: no host sync per step
@@ -160,8 +160,10 @@ class RunArtifacts(pl.Callback):
         self.final["train/epochs"] = trainer.current_epoch
         self.final["train/seconds"] = round(time.time() - self._t0, 2)
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_score is not None:
-            self.final["val/best_top1"] = float(ckpt.best_model_score)
+        if ckpt is not None and ckpt.best_model_score is not None and ckpt.monitor:
+            # val/top1 -> val/best_top1, val/loss -> val/best_loss
+            prefix, _, name = str(ckpt.monitor).rpartition("/")
+            self.final[f"{prefix + '/' if prefix else ''}best_{name}"] = float(ckpt.best_model_score)
         self.write(trainer)
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -193,16 +195,73 @@ class RunArtifacts(pl.Callback):
         if ep:
             axes[0].plot([e["step"] for e in ep], [e["val/loss"] for e in ep], "o-", label="val loss")
         axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend(), axes[0].grid(alpha=0.3)
-        acc = [e for e in self.epochs if "val/top1" in e]
-        if acc:
-            axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e["val/top1"] for e in acc], "o-", label="val top-1")
-            if "val/top5" in acc[0]:
-                axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e["val/top5"] for e in acc], "s--",
-                             label="val top-5", alpha=0.6)
+        for key, style, label in (("val/top1", "o-", "val top-1"), ("val/top5", "s--", "val top-5"),
+                                  ("val/knn_top1", "^-", "val kNN top-1")):
+            acc = [e for e in self.epochs if key in e]
+            if acc:
+                axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e[key] for e in acc], style, label=label,
+                             alpha=0.6 if key == "val/top5" else 1.0)
         axes[1].set_xlabel("epoch"), axes[1].set_ylabel("accuracy (%)"), axes[1].legend(), axes[1].grid(alpha=0.3)
         fig.tight_layout()
         _atomic_write(self.output_dir / "curves.png", "wb", lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
+
+
+class SaveVisuals(pl.Callback):
+    """Saves the pictures a recipe draws (:meth:`vitlab.recipes.Recipe.visualize`, e.g. MAE's original / masked /
+    reconstruction rows) for the first validation batch, every ``every_n_epochs``, as
+    ``<output_dir>/<name>_epochNNN.png``. Images are de-normalised with the dataset's mean and std."""
+
+    def __init__(self, output_dir: str, every_n_epochs: int = 1, max_images: int = 8):
+        self.output_dir = Path(output_dir)
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_images = int(max_images)
+        self._batch: Optional[dict] = None
+
+    def _due(self, trainer) -> bool:
+        return (self.every_n_epochs > 0 and trainer.is_global_zero and not trainer.sanity_checking
+                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and self._due(trainer) and isinstance(batch, dict):
+            self._batch = {k: (v[: self.max_images] if torch.is_tensor(v) and v.ndim > 0 else v)
+                           for k, v in batch.items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None or not self._due(trainer):
+            return
+        recipe = pl_module.eval_recipe() if hasattr(pl_module, "eval_recipe") else pl_module.recipe
+        with torch.no_grad():
+            pictures = recipe.visualize(batch)
+        if not pictures:
+            return
+        source = getattr(trainer.datamodule, "source", None)
+        for name, rows in pictures.items():
+            path = self.output_dir / f"{name}_epoch{trainer.current_epoch + 1:03d}.png"
+            save_image_rows(rows, path, getattr(source, "mean", None), getattr(source, "std", None))
+            log.info("saved %s", path)
+
+
+def save_image_rows(rows: Sequence[torch.Tensor], path: Path, mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None) -> None:
+    """Rows of images (n, C, H, W) in normalised space -> one PNG grid (a row per entry), written atomically."""
+    import torchvision
+
+    n = max(r.shape[0] for r in rows)
+    tiles = []
+    for r in rows:
+        r = r.detach().float().cpu()
+        if mean is not None and std is not None:
+            r = r * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        if r.shape[0] < n:                                                 # pad short rows with blank tiles
+            r = torch.cat([r, torch.zeros(n - r.shape[0], *r.shape[1:])])
+        tiles.append(r.clamp(0, 1))
+    grid = torchvision.utils.make_grid(torch.cat(tiles), nrow=n, padding=1, pad_value=1.0)
+    scale = max(1, 64 // max(1, rows[0].shape[-1]))                        # small images: upscale for viewing
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    _atomic_write(Path(path), "wb", lambda f: torchvision.utils.save_image(grid, f, format="png"))
 
 
 class DDPAgreement(pl.Callback):
@@ -252,6 +311,8 @@ class DDPAgreement(pl.Callback):
 
 def _batch_len(batch: Any) -> int:
     image = batch.get("image") if isinstance(batch, dict) else None
+    if isinstance(image, (list, tuple)) and image:                 # multi-crop: a list of views of the same images
+        image = image[0]
     return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
 
 

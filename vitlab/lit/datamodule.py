@@ -137,7 +137,8 @@ class VitlabDataModule(pl.LightningDataModule):
     def __init__(self, source: ClassificationSource, img_size: int, batch_size: int, num_workers: int = 0,
                  augment: Optional[dict] = None, seed: int = 0, eval_batch_size: Optional[int] = None,
                  pin_memory: bool = False, drop_last: bool = True, mixup: Optional[dict] = None,
-                 repeated_aug: int = 0, batched_augment: bool = False, max_corrupt_fraction: float = 0.01):
+                 repeated_aug: int = 0, batched_augment: bool = False, max_corrupt_fraction: float = 0.01,
+                 train_transform: Optional[Callable] = None):
         super().__init__()
         self.source = source
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
@@ -154,6 +155,11 @@ class VitlabDataModule(pl.LightningDataModule):
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise DataConfigError(f"data.max_corrupt_fraction must be in [0, 1], got {max_corrupt_fraction}")
         self.max_corrupt_fraction = max_corrupt_fraction
+        # a recipe's own training transform (DINO's multi-crop) replaces data.augment for the train split
+        self.train_transform = train_transform
+        if train_transform is not None and self.batched_augment:
+            raise DataConfigError("this recipe brings its own training transform (e.g. DINO's multi-crop), which "
+                                  "runs per image in the loader: set data.batched_augment=false")
         self.mixup = None
         if mixup:
             self.mixup = build_mixup(source.num_classes, **mixup)
@@ -190,14 +196,38 @@ class VitlabDataModule(pl.LightningDataModule):
             if self.batched_augment:
                 self.datasets[split] = self._in_memory(base, split)
             else:
-                tf = build_transforms(split == "train", self.img_size, self.source.mean, self.source.std,
-                                      **self.augment)
+                tf = self._transform(split == "train")
                 if isinstance(base, IterableDataset):              # shards: the stream applies the transform
                     base.transform, base.seed = tf, self.seed
                     self.datasets[split] = base
                 else:
                     self.datasets[split] = DictDataset(base, tf)
         return self.datasets[split]
+
+    def _transform(self, train: bool) -> Callable:
+        if train and self.train_transform is not None:
+            return self.train_transform
+        return build_transforms(train, self.img_size, self.source.mean, self.source.std, **self.augment)
+
+    def eval_loader(self, split: str, batch_size: Optional[int] = None, max_samples: Optional[int] = None,
+                    num_workers: Optional[int] = None) -> DataLoader:
+        """The whole ``split`` (this process reads all of it, also under DDP) with the *evaluation* transform, in a
+        fixed order: what feature extraction for the kNN and linear probes reads, the train split included.
+        ``max_samples`` keeps that many, evenly spaced over the split (map-style data); shards yield all (the reader stops early)."""
+        base = self.source.dataset(split)
+        tf = build_transforms(False, self.img_size, self.source.mean, self.source.std, **self.augment)
+        bs = int(batch_size or self.eval_batch_size)
+        workers = self.num_workers if num_workers is None else num_workers
+        if isinstance(base, IterableDataset):
+            base.transform, base.seed = tf, self.seed
+            base.configure(batch_size=bs, world_size=1, rank=0, num_workers=workers, drop_last=False)
+            return StreamLoader(base, batch_size=bs, num_workers=workers, drop_last=False)
+        ds: Any = DictDataset(base, tf)
+        if max_samples is not None and max_samples < len(ds):
+            idx = torch.linspace(0, len(ds) - 1, int(max_samples)).round().long().unique().tolist()
+            ds = torch.utils.data.Subset(ds, idx)
+        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, drop_last=False,
+                          persistent_workers=False)
 
     def _in_memory(self, base: Any, split: str) -> Any:
         from vitlab.data.batched import InMemoryImages

@@ -9,6 +9,7 @@ batch); the train accuracy is only updated per step (computed once per epoch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -19,7 +20,8 @@ import pytorch_lightning as pl
 import torch
 
 from vitlab.lit.host_sync import is_logging_step, training_batch_number
-from vitlab.recipes import Recipe
+from vitlab.optim.sam import SAM
+from vitlab.recipes import ModelEma, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,15 @@ class VitlabModule(pl.LightningModule):
     ``config`` (the resolved run config) is stored in every checkpoint so
     ``vitlab.load(path)`` can rebuild the model with no other input.
 
+    ``ema`` (the ``ema:`` block of train.yaml: decay, warmup, update_every, evaluate) keeps an exponential moving
+    average of the recipe's weights, updated after every optimizer step, saved in checkpoints (``ema.module.*``) and,
+    with ``evaluate``, used for validation, test and ``vitlab-eval``.
+
+    ``optim=sam``: each optimizer step runs two forward/backward passes through Lightning's closure
+    (:class:`vitlab.optim.sam.SAM`). Under DDP the first pass skips the gradient all-reduce (m-sharpness); with
+    gradient accumulation the window's earlier micro-batches are replayed at the perturbed weights, so both passes
+    see the whole accumulated batch.
+
     A non-finite training loss stops the run with :class:`FloatingPointError` naming the first bad step.
     It is noticed on the device at every step and read back (one host sync) every ``loss_check_interval``
     training batches: None (default) = on the steps where Lightning logs (``trainer.log_every_n_steps``),
@@ -63,13 +74,19 @@ class VitlabModule(pl.LightningModule):
     def __init__(self, recipe: Recipe, optimizer_factory: Optional[Callable] = None,
                  scheduler_factory: Optional[Callable] = None, config: Optional[dict] = None,
                  data_info: Optional[dict] = None, eval_split: str = "test",
-                 loss_check_interval: Optional[int] = None):
+                 loss_check_interval: Optional[int] = None, ema: Optional[dict] = None):
         super().__init__()
         if loss_check_interval is not None and (isinstance(loss_check_interval, bool)
                                                 or not isinstance(loss_check_interval, int) or loss_check_interval < 1):
             raise ValueError(f"loss_check_interval must be null (check on logging steps) or an integer >= 1, "
                              f"got {loss_check_interval!r}")
         self.recipe = recipe
+        ema = dict(ema or {})
+        self.ema_evaluate = bool(ema.pop("evaluate", True))
+        # the EMA is a registered submodule: saved and restored with every checkpoint, never seen by the optimizer
+        # (which is built from the recipe alone)
+        self.ema: Optional[ModelEma] = ModelEma(recipe, **ema) if ema.pop("enabled", False) else None
+        self._sam_window: list[dict] = []
         self.optimizer_factory = optimizer_factory
         self.scheduler_factory = scheduler_factory
         self.config = config
@@ -85,16 +102,40 @@ class VitlabModule(pl.LightningModule):
         self._bad_loss: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.recipe(images)
+        return self.eval_recipe()(images)
+
+    def eval_recipe(self) -> Recipe:
+        """The recipe that is evaluated: its EMA copy when the run keeps one (and ``ema.evaluate``), else itself."""
+        if self.ema is not None and self.ema_evaluate:
+            return self.ema.module
+        return self.recipe
+
+    @staticmethod
+    def _batch_size(batch: dict) -> int:
+        image = batch["image"]
+        return (image[0] if isinstance(image, (list, tuple)) else image).shape[0]     # multi-crop: a list of views
 
     # ------------------------------------------------------------ steps ---
+    def _sam(self) -> Optional[SAM]:
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return None
+        opt = trainer.optimizers[0]
+        return opt if isinstance(opt, SAM) else None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.recipe.training_step(batch)
         loss = out["loss"]
+        sam = self._sam()
+        if sam is not None:
+            if sam.second_pass:          # SAM's pass at the perturbed weights: the step was logged by the first pass
+                return loss
+            if self.trainer.accumulate_grad_batches > 1:
+                self._sam_window.append(batch)        # replayed at the perturbed weights (see optimizer_step)
         self._note_non_finite(loss)
         if self._loss_check_due():
             self.check_loss(self._interval_text())
-        bs = batch["image"].shape[0]
+        bs = self._batch_size(batch)
         # not prog_bar: Lightning would read a progress-bar value back to the host at every batch;
         # vitlab.lit.callbacks.ProgressBar shows train/loss on logging steps
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
@@ -157,13 +198,16 @@ class VitlabModule(pl.LightningModule):
         self.check_loss("at the end of training")
 
     def _eval_step(self, batch: dict, prefix: str, metrics) -> None:
-        out = self.recipe.evaluation_step(batch)
-        bs = batch["image"].shape[0]
-        self.log(f"{prefix}/loss", out["loss"], on_epoch=True, prog_bar=prefix == "val", sync_dist=True,
-                 batch_size=bs)
-        metrics.update(out["logits"], out["target"])
-        self.log_dict({f"{prefix}/{k}": m for k, m in metrics.items()}, on_epoch=True, prog_bar=prefix == "val",
-                      batch_size=bs)
+        out = self.eval_recipe().evaluation_step(batch) or {}
+        bs = self._batch_size(batch)
+        for k, v in out.items():
+            if k not in ("logits", "target") and torch.is_tensor(v) and v.ndim == 0:
+                self.log(f"{prefix}/{k}", v, on_epoch=True, prog_bar=prefix == "val" and k == "loss",
+                         sync_dist=True, batch_size=bs)
+        if "logits" in out:          # pretraining recipes have no classifier to score
+            metrics.update(out["logits"], out["target"])
+            self.log_dict({f"{prefix}/{k}": m for k, m in metrics.items()}, on_epoch=True,
+                          prog_bar=prefix == "val", batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
@@ -177,14 +221,31 @@ class VitlabModule(pl.LightningModule):
             raise RuntimeError("this module was loaded for evaluation; it has no optimizer factory")
         opt = self.optimizer_factory(self.recipe)
         opt = self._unfused_if_scaled_and_clipped(opt)
-        if self.scheduler_factory is None:
+        if isinstance(opt, SAM):
+            self._check_sam()
+        if self._trainer is None and self.scheduler_factory is None:       # built outside a Trainer
             return opt
         total = int(self.trainer.estimated_stepping_batches)
         batches = self.trainer.num_training_batches        # inf when max_epochs=-1 (Lightning never sized the loader)
         per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches)) if math.isfinite(batches) \
             else total
+        self.recipe.setup_schedule(total_steps=total, steps_per_epoch=per_epoch)
+        if self.scheduler_factory is None:
+            return opt
         sched = self.scheduler_factory(opt, total_steps=total, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _check_sam(self) -> None:
+        """SAM runs two passes through Lightning's closure. fp16's GradScaler runs the closure itself and then calls
+        step() without it; FSDP shards the weights SAM perturbs. Both are refused here, before any work."""
+        trainer = self.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("optim=sam cannot run under trainer.precision=16-mixed: fp16's GradScaler calls the "
+                             "optimizer without the closure SAM needs for its second pass. Use "
+                             "trainer.precision=bf16-mixed (GPU) or 32-true")
+        if getattr(trainer.strategy, "shard", None) is not None:
+            raise ValueError("optim=sam is not supported with trainer=fsdp (the perturbation would need the sharded "
+                             "gradients' global norm); use trainer=ddp or a single device")
 
     def _unfused_if_scaled_and_clipped(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """fp16's GradScaler + gradient clipping + a fused optimizer cannot work: the fused kernel unscales the
@@ -221,8 +282,32 @@ class VitlabModule(pl.LightningModule):
         without this a whole model's gradients (4 bytes per parameter in fp32) stay allocated through every
         forward pass; the later zero_grad finds nothing to do. Gradient accumulation is unaffected: this hook
         runs only at accumulation boundaries."""
+        sam = self._sam()
+        if sam is not None:
+            strategy = self.trainer.strategy
+            sam.first_pass_context = getattr(strategy, "block_backward_sync", contextlib.nullcontext)
+            window, self._sam_window = self._sam_window[:-1], []        # the last micro-batch is the closure's own
+            sam.second_pass_prelude = (lambda: self._replay(window, optimizer)) if window else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         optimizer.zero_grad(set_to_none=True)
+        step = self.global_step - 1                   # Lightning counted the step that was just taken
+        self.recipe.on_after_optimizer_step(step, self.current_epoch)
+        if self.ema is not None:
+            self.ema.update(self.recipe, step)
+
+    def _replay(self, window: list[dict], optimizer) -> None:
+        """SAM with gradient accumulation: the second pass needs the gradient of the whole accumulated batch at the
+        perturbed weights. Lightning's closure recomputes only the window's last micro-batch, so the earlier ones are
+        recomputed here first, without DDP gradient sync (the closure's backward then all-reduces the sum)."""
+        scale = 1.0 / self.trainer.accumulate_grad_batches
+        strategy = self.trainer.strategy
+        with getattr(strategy, "block_backward_sync", contextlib.nullcontext)():
+            for batch in window:
+                loss = self.recipe.training_step(batch)["loss"] * scale
+                strategy.backward(loss, optimizer)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.recipe.on_before_optimizer_step(self.global_step, self.current_epoch)
 
     # ---------------------------------------------------------- sharding ---
     def configure_model(self) -> None:
