@@ -286,9 +286,11 @@ class VitlabModule(pl.LightningModule):
         if sam is not None:
             strategy = self.trainer.strategy
             sam.first_pass_context = getattr(strategy, "block_backward_sync", contextlib.nullcontext)
-            window, self._sam_window = self._sam_window[:-1], []        # the last micro-batch is the closure's own
+            # the window's earlier micro-batches; the last one is the closure's own (it runs inside the step)
+            window, self._sam_window = self._sam_window, []
             sam.second_pass_prelude = (lambda: self._replay(window, optimizer)) if window else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._sam_window = []                         # the closure stashed its own micro-batch too
         optimizer.zero_grad(set_to_none=True)
         step = self.global_step - 1                   # Lightning counted the step that was just taken
         self.recipe.on_after_optimizer_step(step, self.current_epoch)
