@@ -165,7 +165,26 @@ class MAEDecoder(nn.Module):
 
 # ------------------------------------------------------------------ recipe ---
 
-class MAE(Recipe):
+class MaskedImageModeling(Recipe):
+    """What MAE and SimMIM share: a random mask per training step, a fixed one (seeded) for evaluation, so the
+    validation loss is comparable across epochs. Subclasses implement ``_loss(images, generator)``."""
+
+    pretraining = True
+
+    def _loss(self, images: torch.Tensor, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (loss, prediction, mask)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": self._loss(batch["image"])[0]}
+
+    def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"]
+        return {"loss": self._loss(images, eval_generator(images.device))[0]}
+
+
+class MAE(MaskedImageModeling):
     """Masked autoencoder pretraining. The task is frozen (its head is fine-tuned later, on the pretrained backbone).
 
     Defaults are the paper's (ViT-B/L/H on ImageNet: 75% masking, a 512-wide, 8-block decoder, normalised pixel
@@ -257,14 +276,6 @@ class MAE(Recipe):
         latent, ids_keep = self.forward_encoder(images, mask, num_keep=int(N * (1 - self.mask_ratio)))
         pred = self.forward_decoder(latent, ids_keep, grid)
         return self.forward_loss(images, pred, mask), pred, mask
-
-    # ------------------------------------------------------------- steps ---
-    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": self._loss(batch["image"])[0]}
-
-    def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        return {"loss": self._loss(images, eval_generator(images.device))[0]}
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, list[torch.Tensor]]:

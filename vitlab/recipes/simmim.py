@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.recipes.base import LRScaling, Recipe
+from vitlab.recipes.base import LRScaling
 from vitlab.recipes.mae import (
     NUM_VISUALIZED,
     EncoderNorm,
+    MaskedImageModeling,
     check_mask_ratio,
     eval_generator,
     in_chans_of,
@@ -31,7 +32,7 @@ from vitlab.recipes.mae import (
 )
 
 
-class SimMIM(Recipe):
+class SimMIM(MaskedImageModeling):
     """Masked image modelling with a mask token in the encoder and a linear pixel decoder; the task is frozen.
 
     ``mask_patch_size``: the side of the masked square blocks in pixels, a multiple of the model's patch size
@@ -90,7 +91,7 @@ class SimMIM(Recipe):
         s = self.mask_scale(grid_hw)
         hb, wb = h // s, w // s
         n_blocks = hb * wb
-        n_mask = math.ceil(n_blocks * self.mask_ratio - 1e-9)   # SimMIM's ceil; the epsilon absorbs 0.7 * 10 = 7.0000001
+        n_mask = math.ceil(n_blocks * self.mask_ratio - 1e-9)   # SimMIM's ceil; epsilon: 0.7 * 10 = 7.0000001
         noise = torch.rand(B, n_blocks, device=device, generator=generator)
         ids_mask = torch.argsort(noise, dim=1)[:, :n_mask]                   # (B, n_mask)
         blocks = torch.zeros(B, n_blocks, dtype=torch.bool, device=noise.device).scatter(1, ids_mask, True)
@@ -124,14 +125,6 @@ class SimMIM(Recipe):
         mask = self.random_masking(images.shape[0], grid, images.device, generator)
         rec = self.forward_decoder(self.forward_encoder(images, mask), grid)
         return self.forward_loss(images, rec, mask), rec, mask
-
-    # ------------------------------------------------------------- steps ---
-    def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": self._loss(batch["image"])[0]}
-
-    def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        return {"loss": self._loss(images, eval_generator(images.device))[0]}
 
     @torch.no_grad()
     def visualize(self, batch: dict) -> dict[str, list[torch.Tensor]]:
