@@ -136,3 +136,38 @@ def test_in_a_real_lightning_run(tiny_fit):
     assert "val/knn_top5" in trainer.callback_metrics
     trainer, _, _ = tiny_fit(callbacks=[KNNMonitor()])                # auto + a supervised recipe: off
     assert "val/knn_top1" not in trainer.callback_metrics and "val/top1" in trainer.callback_metrics
+
+
+def test_history_rows_leave_out_knn_values_not_refreshed_this_epoch(tmp_path):
+    """A monitor running every 2nd epoch: the other epochs' rows of history.json have no val/knn_top1 (Lightning
+    would otherwise repeat the last value)."""
+    import functools
+    import json
+
+    import pytorch_lightning as pl
+
+    from vitlab.backbones import vit
+    from vitlab.data import Digits
+    from vitlab.heads import ClassificationTask
+    from vitlab.lit.callbacks import RunArtifacts
+    from vitlab.lit.datamodule import VitlabDataModule
+    from vitlab.lit.module import VitlabModule
+    from vitlab.lit.probes import KNNMonitor
+    from vitlab.optim import build_optimizer
+    from vitlab.recipes import Supervised
+
+    pl.seed_everything(0, verbose=False)
+    recipe = Supervised(vit("Ti", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=16, in_chans=1),
+                        ClassificationTask(32, 10))
+    module = VitlabModule(recipe, optimizer_factory=functools.partial(build_optimizer, lr=1e-3), config={},
+                          data_info={"num_classes": 10, "in_chans": 1})
+    dm = VitlabDataModule(Digits(), img_size=16, batch_size=64, augment={"policy": "none"})
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=1, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, accelerator="cpu", use_distributed_sampler=False,
+                         callbacks=[KNNMonitor(every_n_epochs=2, max_train_samples=200), RunArtifacts(str(tmp_path))],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=dm)
+    rows = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert [("val/knn_top1" in r) for r in rows] == [False, True, False]
+    assert "val/top1" in rows[0] and "val/top1" in rows[2]

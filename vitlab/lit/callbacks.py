@@ -126,9 +126,11 @@ class RunArtifacts(pl.Callback):
             return
         self._flush()
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        # metrics computed only every few epochs (the kNN monitor) would otherwise repeat their last value
+        stale = set().union(*(cb.stale_keys(trainer) for cb in trainer.callbacks if hasattr(cb, "stale_keys")))
         for k, v in trainer.callback_metrics.items():
             s = _scalar(v)
-            if s is not None and (k.startswith("val/") or k == "train/loss_epoch"):
+            if s is not None and k not in stale and (k.startswith("val/") or k == "train/loss_epoch"):
                 row[k] = s
         seconds = time.time() - self._epoch_t0
         row["images_per_s"] = self._images / max(seconds, 1e-9)

@@ -71,6 +71,7 @@ class KNNMonitor(pl.Callback):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive number of images or null (all), got {v}")
         self.every_n_epochs = every_n_epochs
+        self._fresh_epoch: int | None = None
         self.k, self.temperature, self.feature = k, temperature, feature
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.num_workers = num_workers
@@ -86,6 +87,11 @@ class KNNMonitor(pl.Callback):
         n = self.interval(pl_module)
         return n > 0 and not getattr(trainer, "sanity_checking", False) and (trainer.current_epoch + 1) % n == 0
 
+    def stale_keys(self, trainer: pl.Trainer) -> set[str]:
+        """The metrics this callback did not refresh at this validation (Lightning keeps a logged value until it
+        is logged again): RunArtifacts leaves them out of the epoch's row of history.json."""
+        return set() if self._fresh_epoch == trainer.current_epoch else {"val/knn_top1", "val/knn_top5"}
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.due(trainer, pl_module):
             return
@@ -99,6 +105,7 @@ class KNNMonitor(pl.Callback):
                 self._warned_no_loader = True
             return
         metrics, seconds, n_train, n_val = self.evaluate(trainer, pl_module, loader_fn)
+        self._fresh_epoch = trainer.current_epoch
         for name, value in metrics.items():
             # every rank computed the same value from the same data: no sync needed
             pl_module.log(f"val/{name}", torch.tensor(value), sync_dist=False)
