@@ -107,8 +107,12 @@ def test_distill_from_a_vitlab_teacher(supervised_run, tmp_path):
 
 def test_distill_without_teacher_fails_clearly(tmp_path):
     p = run_cli("vitlab.cli.train", *FAST, "recipe=distill", f"paths.output_dir={tmp_path}", timeout=300)
-    assert p.returncode != 0
-    assert "recipe.teacher" in p.stderr
+    assert p.returncode == 2 and "vitlab: error: recipe=distill needs recipe.teacher=PATH" in p.stderr
+    missing = tmp_path / "no_such_teacher.ckpt"
+    p = run_cli("vitlab.cli.train", *FAST, "recipe=distill", f"recipe.teacher={missing}",
+                f"paths.output_dir={tmp_path}", timeout=300)
+    assert p.returncode == 2 and f"recipe.teacher={missing} does not exist" in p.stderr
+    assert not (tmp_path / "checkpoints").exists()                       # stopped before any work
 
 
 def test_sam_and_ema(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from vitlab.cli.common import config_dir, fail, validate_command_line
@@ -35,6 +36,9 @@ def train(cfg: DictConfig) -> dict:
         run = build_run(cfg)
     except (DatasetNotFoundError, FileNotFoundError, DataConfigError) as e:
         fail(str(e))
+    except (ValueError, InstantiationException) as e:    # a value a builder refused (it names the key and the fix)
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        fail(f"{cause} (while building the run)")
     trainer = run.trainer
     if trainer.is_global_zero:
         log.info("%s", run.derived.describe())

@@ -341,6 +341,10 @@ def build_run(cfg: DictConfig) -> Run:
     set_attention_backend(cfg.attention_backend, source=f"attention_backend={cfg.attention_backend}")
     source = build_source(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    teacher = cfg.recipe.get("teacher")
+    if teacher and not Path(str(teacher)).is_file():      # read on the first step: check it before any work
+        raise FileNotFoundError(f"recipe.teacher={teacher} does not exist; give a vitlab checkpoint (a run's "
+                                "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
     recipe = build_recipe(cfg, source.num_classes, source.in_chans)
     derived = derive(cfg, recipe)
     module = build_module(cfg, recipe, derived, source)        # before compile: the EMA copies the eager recipe
