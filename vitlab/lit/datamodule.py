@@ -211,9 +211,10 @@ class VitlabDataModule(pl.LightningDataModule):
 
     def eval_loader(self, split: str, batch_size: Optional[int] = None, max_samples: Optional[int] = None,
                     num_workers: Optional[int] = None) -> DataLoader:
-        """The whole ``split`` (this process reads all of it, also under DDP) with the *evaluation* transform, in a
-        fixed order: what feature extraction for the kNN and linear probes reads, the train split included.
-        ``max_samples`` keeps that many, evenly spaced over the split (map-style data); shards yield all (the reader stops early)."""
+        """The whole ``split`` (this process reads all of it, also under DDP) with the *evaluation* transform,
+        in a fixed order: what feature extraction for the kNN and linear probes reads, the train split included.
+        ``max_samples`` keeps that many, evenly spaced over the split (map-style data); shards yield all (the
+        reader stops early)."""
         base = self.source.dataset(split)
         tf = build_transforms(False, self.img_size, self.source.mean, self.source.std, **self.augment)
         bs = int(batch_size or self.eval_batch_size)

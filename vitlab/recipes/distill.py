@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.recipes.base import LRScaling, Recipe
+from vitlab.recipes.base import LRScaling
+from vitlab.recipes.supervised import Supervised
 
 Kind = Literal["soft", "hard"]
 SoftReduction = Literal["batchmean", "numel"]
@@ -121,7 +122,7 @@ def load_timm_teacher(path: str, model_name: str, num_classes: int, in_chans: in
 
 # ------------------------------------------------------------------ recipe ---
 
-class Distill(Recipe):
+class Distill(Supervised):
     """Supervised training plus distillation from a frozen teacher (module docstring: DeiT and plain KD).
 
     ``teacher``: the teacher's weights, a vitlab checkpoint or a timm weights file (then ``teacher_model`` names
@@ -279,7 +280,3 @@ class Distill(Recipe):
         if target.ndim == 1:
             out["target"] = target
         return out
-
-    def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self(batch["image"])
-        return {"loss": self.task.loss(logits, batch["label"]), "logits": logits, "target": batch["label"]}
