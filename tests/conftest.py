@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import threading
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,37 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHARED_DATA = Path(os.environ.get("VITLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+class SyncRecorder:
+    """``with SyncRecorder() as rec: ...`` records the ATen ops run inside that would make the host wait for the
+    device (:data:`vitlab.lit.host_sync.SYNC_OPS`: .item(), bool(tensor), data-dependent shapes); on a CPU they
+    prove what a GPU run would do. ``rec.seen`` lists them."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from vitlab.lit.host_sync import SYNC_OPS
+
+        recorder = self
+        self.seen: list[str] = []
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kw = kwargs or {}
+                repeats_sync = func is torch.ops.aten.repeat_interleave.Tensor and kw.get("output_size") is None
+                if func in SYNC_OPS or func.overloadpacket in SYNC_OPS or repeats_sync:
+                    recorder.seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> "SyncRecorder":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
 
 
 def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -12,9 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SyncRecorder
 from vitlab.optim import SAM, build_optimizer, cosine_schedule
 from vitlab.optim.sam import NO_CLOSURE
 
@@ -215,18 +214,6 @@ def test_hooks_set_on_lightnings_optimizer_wrapper_reach_sam():
 
 def test_step_reads_nothing_back_from_the_device():
     """No .item(), bool(tensor) or data-dependent shapes in first_step / second_step (SGD base: no step counter)."""
-    from vitlab.lit.host_sync import SYNC_OPS
-
-    class Spy(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.syncs = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in SYNC_OPS or func in SYNC_OPS:
-                self.syncs.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     for adaptive in (False, True):
@@ -238,9 +225,9 @@ def test_step_reads_nothing_back_from_the_device():
             loss.backward()
             return loss
 
-        with Spy() as spy:
+        with SyncRecorder() as spy:
             sam.step(closure)
-        assert spy.syncs == []
+        assert spy.seen == []
 
 
 # ----------------------------------------------------------- base kinds ---

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.conftest import SyncRecorder
 from vitlab.backbones import vit
 from vitlab.heads import ClassificationTask, soft_target_cross_entropy
 from vitlab.optim import build_optimizer
@@ -247,24 +247,11 @@ def test_teacher_img_size_resizes_for_the_teacher(batch):
     torch.testing.assert_close(r.teacher_logits(batch["image"]), r.teacher.fc(x.flatten(1)))
 
 
-class _SyncRecorder(TorchDispatchMode):
-    def __init__(self, ops):
-        super().__init__()
-        self.ops, self.seen = ops, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.ops or func.overloadpacket in self.ops:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_training_step_makes_no_host_sync(batch, kind):
-    from vitlab.lit.host_sync import SYNC_OPS
-
     r = make(kind=kind).train()
     r.training_step(batch)                                     # the first step loads the teacher
-    with _SyncRecorder(set(SYNC_OPS)) as rec:
+    with SyncRecorder() as rec:
         r.training_step(batch)["loss"].backward()
     assert rec.seen == []
 

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SyncRecorder
 from vitlab.backbones import vit
 from vitlab.heads import ClassificationTask
 from vitlab.layers import PatchEmbed, sincos_2d_pos_embed
@@ -309,20 +308,6 @@ def test_a_tiny_mae_overfits_eight_images():
     with torch.no_grad():
         after = r.evaluation_step({"image": x})["loss"]
     assert torch.isfinite(after) and after < 0.5 * before, (before, after)
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records the ATen ops that would make the host wait for a GPU (vitlab.lit.host_sync.SYNC_OPS)."""
-
-    def __init__(self):
-        super().__init__()
-        from vitlab.lit.host_sync import SYNC_OPS
-        self.ops, self.seen = SYNC_OPS, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.ops or func is torch.ops.aten.repeat_interleave.Tensor:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_masking_decoder_and_loss_never_wait_for_the_device(images):
