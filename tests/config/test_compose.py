@@ -59,7 +59,7 @@ def test_every_backbone_option_instantiates(option):
     n = sum(p.numel() for p in recipe.parameters())
     expected = {"vit_tiny": 5.7, "deit_tiny": 5.7, "vit_small": 22.1, "deit_small": 22.1, "vit_base": 86.6,
                 "deit_base": 86.6, "vit": 22.1, "vit_large": 304.3, "vit_huge": 632.0,
-                "vit_giant": 1012.6}[option]
+                "vit_giant": 1012.6, "vitdet": 86.6, "timm_pyramid": 3.7}[option]
     assert round(n / 1e6, 1) == expected
 
 
@@ -69,7 +69,9 @@ def test_every_model_group_option_instantiates(group):
         # distillation needs a teacher path; it is only read on the first training step
         extra = ["recipe.teacher=/nonexistent/teacher.ckpt"] if (group, option) == ("recipe", "distill") else []
         cfg = compose_train(f"{group}={option}", *extra)
-        recipe = build_recipe(cfg, num_classes=10, in_chans=1)
+        # a dense task trains on dense data (the builder checks that the data's task matches)
+        data_info = {"task": option} if group == "task" else None
+        recipe = build_recipe(cfg, num_classes=10, in_chans=1, data_info=data_info)
         opt = instantiate(cfg.optim, lr=1e-3, _convert_="all")(recipe)
         if group == "sched" or cfg.get("sched"):
             sched = instantiate(cfg.sched, _convert_="all")(opt, total_steps=100, steps_per_epoch=10)
@@ -79,6 +81,7 @@ def test_every_model_group_option_instantiates(group):
 @pytest.mark.parametrize("option", options("data"))
 def test_every_data_option_instantiates(option, tmp_path):
     extra = [f"data.urls={tmp_path}"] if option == "webdataset" else []          # shards: urls, not root
+    extra += ["data.source.num_classes=3"] if option == "segfolder" else []       # required: no default
     cfg = compose_train(f"data={option}", f"data.root={tmp_path}", *extra)
     source = build_source(cfg, check=False)
     assert source.has_split("train") or option != "digits"

@@ -1,5 +1,6 @@
 """Backbones and their factories: the targets of conf/backbone/*.yaml."""
 
+from vitlab.backbones.timm_features import TimmFeatures, timm_backbone
 from vitlab.backbones.vit import (
     VARIANTS,
     VisionTransformer,
@@ -12,5 +13,5 @@ from vitlab.backbones.vit import (
     vit_tiny,
 )
 
-__all__ = ["VARIANTS", "VisionTransformer", "vit", "vit_base", "vit_giant", "vit_huge", "vit_large", "vit_small",
-           "vit_tiny"]
+__all__ = ["TimmFeatures", "VARIANTS", "VisionTransformer", "timm_backbone", "vit", "vit_base", "vit_giant",
+           "vit_huge", "vit_large", "vit_small", "vit_tiny"]

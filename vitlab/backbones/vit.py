@@ -17,7 +17,12 @@ factories. Options from later papers:
   dropped (MAE); samples may keep different numbers of patches (padded, with a
   key padding mask),
 - activation checkpointing per block (``grad_checkpointing``, timm's
-  ``set_grad_checkpointing``): activations are recomputed in the backward pass.
+  ``set_grad_checkpointing``): activations are recomputed in the backward pass,
+- intermediate feature taps for dense heads (``out_indices``: ``features["taps"]``, the
+  outputs of chosen blocks on the patch grid; BEiT / ViT-Adapter's UPerNet input),
+- window attention (Li et al., "Exploring Plain Vision Transformer Backbones for Object
+  Detection", ViTDet, ECCV 2022): ``window_size`` > 0 makes every block but ``global_blocks``
+  attend within non-overlapping windows of the patch grid.
 
 Parameter names follow timm's VisionTransformer so converted checkpoints read
 naturally (see ``vitlab.backbones.convert``).
@@ -26,7 +31,7 @@ naturally (see ``vitlab.backbones.convert``).
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,41 @@ Features = dict[str, torch.Tensor | list[torch.Tensor]]
 
 
 # ------------------------------------------------------------------ layers ---
+
+def window_shape(window_size: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """The (wh, ww) window on a (h, w) grid: window_size, shrunk to the grid along an axis it exceeds.
+
+    A window larger than the grid is the whole grid along that axis (no padding), so window_size >= grid is
+    global attention among the patches, not attention over zero padding.
+    """
+    return min(window_size, grid[0]), min(window_size, grid[1])
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """ViTDet's window_partition: (B, h, w, C) -> (B * nW, wh * ww, C) windows in row-major order.
+
+    The grid is zero-padded bottom/right to a multiple of the window; returns the padded grid (Hp, Wp) too.
+    """
+    B, h, w, C = x.shape
+    wh, ww = window
+    pad_h, pad_w = (-h) % wh, (-w) % ww
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))                           # (B, Hp, Wp, C)
+    Hp, Wp = h + pad_h, w + pad_w
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, wh, ww, C)
+    return x.reshape(-1, wh * ww, C), (Hp, Wp)
+
+
+def window_unpartition(windows: torch.Tensor, window: tuple[int, int], padded: tuple[int, int],
+                       grid: tuple[int, int]) -> torch.Tensor:
+    """The inverse: (B * nW, wh * ww, C) -> (B, h, w, C), the padding cropped away."""
+    wh, ww = window
+    Hp, Wp = padded
+    C = windows.shape[-1]
+    x = windows.view(-1, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)   # (B, nH, wh, nW, ww, C)
+    x = x.reshape(-1, Hp, Wp, C)
+    return x[:, :grid[0], :grid[1]]
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
@@ -73,12 +113,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP."""
+    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP.
+
+    ``window_size`` > 0 (ViTDet): the patch tokens attend within window_size x window_size windows of the grid
+    (zero-padded after norm1 to a multiple of the window, cropped after attention, as ViTDet; the padded slots
+    are attended to, as there); prefix tokens (class / distillation / registers) attend among themselves only.
+    The MLP half is unchanged. No parameters are added: a windowed block loads the same weights as a global one.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, qk_norm: bool = False,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init: float | None = None):
+                 layer_scale_init: float | None = None, window_size: int = 0):
         super().__init__()
+        self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, drop)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
@@ -89,10 +136,32 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, rope=None, num_prefix_tokens: int = 0,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens, key_padding_mask)))
+                key_padding_mask: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, P + N, D). A windowed block needs ``grid`` (h, w) with h * w = N, no key_padding_mask, and
+        ``rope`` (if any) already partitioned into windows: (nW, wh * ww, Dh/2) tables (the model does it)."""
+        if self.window_size:
+            y = self._window_attention(self.norm1(x), rope, num_prefix_tokens, grid)
+        else:
+            y = self.attn(self.norm1(x), rope, num_prefix_tokens, key_padding_mask)
+        x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def _window_attention(self, x: torch.Tensor, rope, P: int, grid: tuple[int, int] | None) -> torch.Tensor:
+        """ViTDet's windowed attention of normed tokens x (B, P + N, D) -> (B, P + N, D)."""
+        B, T, D = x.shape
+        if grid is None or grid[0] * grid[1] != T - P:
+            raise ValueError(f"window attention needs the full patch grid: got {T - P} patch tokens for grid {grid}")
+        h, w = grid
+        window = window_shape(self.window_size, grid)
+        xw, padded = window_partition(x[:, P:].reshape(B, h, w, D), window)      # (B*nW, wh*ww, D)
+        if rope is not None:                                                  # (nW, wh*ww, Dh/2) -> (B*nW, 1, ., .)
+            rope = tuple(t.unsqueeze(0).expand(B, -1, -1, -1).reshape(-1, 1, *t.shape[1:]) for t in rope)
+        yw = self.attn(xw, rope, 0)                                           # (B*nW, wh*ww, D)
+        y = window_unpartition(yw, window, padded, grid).reshape(B, h * w, D)   # (B, N, D)
+        if P:                                                                 # prefix tokens: among themselves
+            y = torch.cat([self.attn(x[:, :P]), y], dim=1)
+        return y
 
 
 # ------------------------------------------------------------------- model ---
@@ -117,7 +186,14 @@ class VisionTransformer(nn.Module):
         "grid": (h, w)
         "ids_keep": (B, N')      kept patch indices (only when tokens were dropped)
         "token_valid": (B, N')   True = a real kept patch (only when samples kept different numbers)
+        "taps": [(B, D, h, w)]   the outputs of blocks ``out_indices`` (prenorm, patch tokens on the grid),
+                                 in that order (only when built with out_indices and no token was dropped)
     }
+
+    ``out_indices``: an int k = k evenly spaced blocks ending at the last (depth 12, k=4 -> [2, 5, 8, 11]);
+    or a list of block indices (negative ones count from the end). Resolved into ``self.out_indices``.
+    ``window_size`` > 0 (ViTDet): every block not in ``global_blocks`` attends within windows (see ``Block``);
+    with RoPE the angle tables are partitioned the same way, so each token keeps its grid position.
 
     Dropping masked tokens when samples keep different numbers: every sample's kept patches are
     padded to the largest count N' and the blocks run with a key padding mask, so each sample's
@@ -150,6 +226,9 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         use_mask_token: bool = False,
         grad_checkpointing: bool = False,
+        out_indices: int | Sequence[int] | None = None,
+        window_size: int = 0,
+        global_blocks: Sequence[int] = (),
     ):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -184,10 +263,16 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.rope = RotaryEmbedding2D(embed_dim // num_heads, rope_theta) if rope else None
 
+        self.out_indices = resolve_out_indices(out_indices, depth)
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0 = global attention everywhere), got {window_size}")
+        self.window_size = int(window_size)
+        self.global_blocks = _block_indices(global_blocks, depth, "global_blocks")
         dpr = linear_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, int(embed_dim * mlp_ratio), qkv_bias, qk_norm,
-                  drop_rate, attn_drop_rate, dpr[i], layer_scale_init)
+                  drop_rate, attn_drop_rate, dpr[i], layer_scale_init,
+                  window_size=0 if i in self.global_blocks else self.window_size)
             for i in range(depth)
         ])
         # As in timm: with average pooling the final norm moves after the pooling (fc_norm).
@@ -280,25 +365,54 @@ class VisionTransformer(nn.Module):
             if self.mask_token is not None:                                # BEiT / SimMIM: replace
                 x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).expand(B, N, D), x)
         x = self._pos_embed(x, grid)                                        # (B, P + N, D)
+        windowed = any(blk.window_size for blk in self.blocks)
+        if mask is not None and self.mask_token is None and windowed:
+            raise ValueError(f"window attention (window_size={self.window_size}) needs the full patch grid, but this "
+                             "mask drops the masked tokens (MAE): build the backbone with use_mask_token=true (masked "
+                             "tokens replaced, BEiT / SimMIM) or window_size=0")
         if mask is not None and self.mask_token is None:                    # MAE: drop
             x, ids_keep, token_valid = self._drop_masked(x, mask, num_keep)  # (B, P + N', D)
             if token_valid is not None:                                     # prefix tokens are always real
                 key_padding_mask = F.pad(token_valid, (self.num_prefix_tokens, 0), value=True)   # (B, P + N')
         x = self.pos_drop(x)
 
-        rope = None
+        rope = rope_windows = None
         if self.rope is not None:
             cos, sin = self.rope.angles(grid)                               # (N, Dh/2)
             if ids_keep is not None:
                 cos, sin = cos[ids_keep].unsqueeze(1), sin[ids_keep].unsqueeze(1)   # (B, 1, N', Dh/2)
             rope = (cos, sin)
+            if windowed:
+                rope_windows = self._window_rope(grid)
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-        for blk in self.blocks:
+        taps: dict[int, torch.Tensor] = {}                                  # block index -> its output
+        for i, blk in enumerate(self.blocks):
+            r = rope_windows if blk.window_size else rope
             if checkpointed:    # store only the block's input; recompute the rest (same RNG draws) in backward
-                x = checkpoint(blk, x, rope, self.num_prefix_tokens, key_padding_mask, use_reentrant=False)
+                x = checkpoint(blk, x, r, self.num_prefix_tokens, key_padding_mask, grid, use_reentrant=False)
             else:
-                x = blk(x, rope, self.num_prefix_tokens, key_padding_mask)
-        return self._features(x, grid, ids_keep, token_valid)
+                x = blk(x, r, self.num_prefix_tokens, key_padding_mask, grid)
+            if i in self.out_indices and ids_keep is None:
+                taps[i] = x                                                 # (B, P + N, D)
+        out = self._features(x, grid, ids_keep, token_valid)
+        if self.out_indices and ids_keep is None:                           # taps need the whole grid
+            P = self.num_prefix_tokens
+            out["taps"] = [taps[i][:, P:].transpose(1, 2).reshape(B, D, *grid) for i in self.out_indices]
+        return out
+
+    def _window_rope(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables partitioned like the windows: (nW, wh * ww, Dh/2) each.
+
+        The angles are those of the padded grid, so a real token keeps its own (y, x) position and padded slots
+        continue the grid beyond the edge.
+        """
+        window = window_shape(self.window_size, grid)
+        padded = (grid[0] + (-grid[0]) % window[0], grid[1] + (-grid[1]) % window[1])
+        tables = []
+        for t in self.rope.angles(padded):                                  # (Hp*Wp, Dh/2)
+            t = t.reshape(1, padded[0], padded[1], -1)
+            tables.append(window_partition(t, window)[0])                   # (nW, wh*ww, Dh/2)
+        return tables[0], tables[1]
 
     def _features(self, prenorm: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None,
                   token_valid: torch.Tensor | None = None) -> Features:
@@ -328,6 +442,31 @@ class VisionTransformer(nn.Module):
             w = token_valid.unsqueeze(-1).to(prenorm.dtype)                 # (B, N', 1)
             out["pooled"] = self.fc_norm((prenorm[:, P:] * w).sum(1) / w.sum(1).clamp_min(1))
         return out
+
+
+def resolve_out_indices(out_indices: int | Sequence[int] | None, depth: int) -> list[int]:
+    """Block indices of the taps: an int k -> k evenly spaced blocks ending at the last (depth 12, k=4 ->
+    [2, 5, 8, 11]); a list -> its indices made non-negative, in the given order; None -> []."""
+    if out_indices is None:
+        return []
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= depth:
+            raise ValueError(f"out_indices={out_indices} asks for that many evenly spaced taps, but the ViT has "
+                             f"depth {depth}: use 1..{depth}, or a list of block indices")
+        # block (i + 1) * depth / k - 1, rounded half up: the k-th is the last block
+        return [(2 * (i + 1) * depth + out_indices) // (2 * out_indices) - 1 for i in range(out_indices)]
+    return _block_indices(out_indices, depth, "out_indices")
+
+
+def _block_indices(indices: Sequence[int], depth: int, what: str) -> list[int]:
+    out = []
+    for i in indices:
+        i = int(i)
+        if not -depth <= i < depth:
+            raise ValueError(f"{what} has block index {i}, out of range for depth {depth}: use 0..{depth - 1} "
+                             f"(or -{depth}..-1 from the end)")
+        out.append(i % depth)
+    return out
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -369,7 +369,8 @@ def run_vitlab(cfg: DictConfig, label: str, overrides: Sequence[str]) -> dict:
     sync = _sync(device)
     times = StepTimes(int(b.warmup), sync)
     timer = _lightning_timer(times, int(b.warmup) + int(b.steps) if measure_cpu_memory else None, device)
-    trainer = build_trainer(run_cfg, derived, callbacks=[timer], logger=False)
+    trainer = build_trainer(run_cfg, derived, monitor=(recipe.monitor, recipe.monitor_mode), callbacks=[timer],
+                            logger=False)
     reset_kernel_record()
     if b.loader == "real":
         datamodule = build_datamodule(run_cfg, source)

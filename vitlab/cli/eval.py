@@ -164,6 +164,9 @@ def evaluate(cfg: DictConfig) -> dict:
                                        f" (protocol={cfg.protocol} needs the train split as its reference set)")
     except (DatasetNotFoundError, FileNotFoundError) as e:
         fail(str(e))
+    if cfg.protocol != "classifier" and getattr(source, "task", "classification") != "classification":
+        fail(f"protocol={cfg.protocol} scores frozen features against image labels; {source.name} is "
+             f"{source.task} data: use protocol=classifier (the model's own {source.task} head and metrics)")
     if cfg.protocol == "classifier":
         # the model's own head predicts the classes it was trained on; knn / linear work on any labelled data
         if source.num_classes != module.data_info.get("num_classes"):

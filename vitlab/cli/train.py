@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     metrics = train(cfg)
-    return metrics.get("val/best_top1", metrics.get("val/top1", 0.0))   # the value sweepers optimise
+    best = sorted(k for k in metrics if k.startswith("val/best_"))          # the monitored metric's best value
+    return metrics[best[0]] if best else metrics.get("val/top1", 0.0)       # the value sweepers optimise
 
 
 def main() -> None:

@@ -11,7 +11,11 @@ from vitlab.data.imagenet import ImageNet
 from vitlab.data.mixup import build_mixup
 from vitlab.data.multicrop import MultiCropTransform
 from vitlab.data.transforms import build_transforms
+from vitlab.data.segmentation import ADE20K, CamVid, SegFolder, SegmentationSource, segmentation_collate
+from vitlab.data.detection import COCODetection, DetectionSource, VOCDetection, detection_collate
 
 __all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DatasetNotFoundError", "DictDataset",
            "SPLITS", "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset", "HFImageDataset",
            "ImageFolder", "ImageNet", "MultiCropTransform", "build_mixup", "build_transforms"]
+__all__ += ["ADE20K", "CamVid", "SegFolder", "SegmentationSource", "segmentation_collate"]
+__all__ += ["COCODetection", "DetectionSource", "VOCDetection", "detection_collate"]

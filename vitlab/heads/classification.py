@@ -48,6 +48,9 @@ LOSSES = ("ce", "bce")
 class ClassificationTask(nn.Module):
     """Head + loss + metrics. The builder passes ``in_dim`` and ``num_classes``.
 
+    ``kind`` names the task family (the data source must be a classification one); ``monitor`` is the metric that
+    picks best.ckpt when the recipe's monitor is ``auto``.
+
     ``loss="ce"``: softmax cross-entropy. ``loss="bce"``: binary cross-entropy with logits, one sigmoid per
     class, averaged over batch and classes: DeiT III's loss (Touvron et al. 2022, "DeiT III: Revenge of the
     ViT", after Wightman et al. 2021, "ResNet strikes back"), computed by timm's
@@ -55,6 +58,11 @@ class ClassificationTask(nn.Module):
     DeiT III's code sets every class present in a mixup / cutmix target to 1 (threshold 0.0); None keeps the
     targets as given (timm's default).
     """
+
+    kind = "classification"
+    monitor = "val/top1"
+    monitor_mode = "max"
+    lr_base_batch = 256              # recipe.lr_base_batch=auto: the batch optim.lr is quoted for (DeiT's rule)
 
     def __init__(self, in_dim: int, num_classes: int, feature: Literal["pooled", "cls", "avg"] = "pooled",
                  head_dropout: float = 0.0, label_smoothing: float = 0.0, top_k: Sequence[int] = (1, 5),

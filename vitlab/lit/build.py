@@ -29,7 +29,7 @@ from vitlab.layers.attention import set_backend as set_attention_backend
 from vitlab.lit.callbacks import AtomicCheckpointIO, DDPAgreement
 from vitlab.lit.datamodule import VitlabDataModule
 from vitlab.lit.module import VitlabModule
-from vitlab.recipes import Recipe
+from vitlab.recipes import Recipe, Supervised
 
 log = logging.getLogger("vitlab")
 
@@ -43,20 +43,73 @@ def build_source(cfg: DictConfig, check: bool = True) -> ClassificationSource:
     return source
 
 
-def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int) -> Recipe:
-    """backbone (+ the options the recipe needs, e.g. SimMIM's mask token) -> task -> recipe, then ``weights``."""
+def source_info(source: Any) -> dict:
+    """What the model needs to know of its data, saved in every checkpoint (``data_info``) so ``vitlab.load`` rebuilds
+    the task alone: classes, channels, normalisation, and for dense data the class names, ignore index, palette."""
+    info = {"num_classes": source.num_classes, "in_chans": source.in_chans, "name": getattr(source, "name", "?"),
+            "task": getattr(source, "task", "classification"),
+            "mean": [float(m) for m in source.mean], "std": [float(s) for s in source.std]}
+    names = getattr(source, "class_names", None)
+    if names is not None:
+        info["class_names"] = [str(n) for n in names]
+    if getattr(source, "ignore_index", None) is not None:
+        info["ignore_index"] = int(source.ignore_index)
+    if getattr(source, "palette", None) is not None:
+        info["palette"] = [[int(c) for c in rgb] for rgb in source.palette]
+    return info
+
+
+# task constructor argument <- where its value comes from (only the arguments a task's signature names are passed)
+_TASK_WIRING = ("patch_size", "img_size", "class_names", "mean", "std", "ignore_index", "palette",
+                "pyramid_channels", "pyramid_strides")
+
+
+def _task_kwargs(task_cls: type, backbone: torch.nn.Module, img_size: Any, data_info: dict) -> dict:
+    params = inspect.signature(task_cls).parameters
+    values = {"patch_size": getattr(backbone, "patch_size", None), "img_size": img_size,
+              "pyramid_channels": getattr(backbone, "pyramid_channels", None),
+              "pyramid_strides": getattr(backbone, "pyramid_strides", None),
+              **{k: data_info.get(k) for k in ("class_names", "mean", "std", "ignore_index", "palette")}}
+    return {k: values[k] for k in _TASK_WIRING if k in params and values[k] is not None}
+
+
+def check_task_fits_data(task_cls: type, data_task: str, data_name: str) -> None:
+    """``task=detection data=cifar10`` (or the reverse) stops before any work, naming the fix."""
+    kind = getattr(task_cls, "kind", "classification")
+    if kind != data_task:
+        raise ValueError(f"task={kind} cannot train on the {data_name} data, a {data_task} dataset: use "
+                         f"task={data_task} with this data, or a {kind} dataset ("
+                         + {"classification": "data=cifar10, imagefolder, ...", "detection": "data=voc or data=coco",
+                            "segmentation": "data=camvid, ade20k or segfolder"}.get(kind, "?") + ")")
+
+
+def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int, data_info: Optional[dict] = None) -> Recipe:
+    """backbone (+ the options the recipe and the task need, e.g. SimMIM's mask token, UPerNet's feature taps)
+    -> task -> recipe, then ``weights``."""
+    data_info = {"num_classes": num_classes, "in_chans": in_chans, **(data_info or {})}
     recipe_cls = get_class(cfg.recipe._target_)
+    task_cls = get_class(cfg.task._target_)
+    check_task_fits_data(task_cls, data_info.get("task", "classification"), data_info.get("name", "?"))
     recipe_args = OmegaConf.to_container(cfg.recipe, resolve=True)
+    task_args = OmegaConf.to_container(cfg.task, resolve=True)
     extra = recipe_cls.backbone_options(**{k: v for k, v in recipe_args.items() if not k.startswith("_")}) \
         if hasattr(recipe_cls, "backbone_options") else {}
+    if hasattr(task_cls, "backbone_options"):
+        extra.update(task_cls.backbone_options(**{k: v for k, v in task_args.items() if not k.startswith("_")}))
     backbone = instantiate(cfg.backbone, img_size=cfg.data.img_size, in_chans=in_chans, _convert_="all", **extra)
-    task = instantiate(cfg.task, in_dim=backbone.embed_dim, num_classes=num_classes, _convert_="all")
+    task = instantiate(cfg.task, in_dim=backbone.embed_dim, num_classes=num_classes, _convert_="all",
+                       **_task_kwargs(task_cls, backbone, cfg.data.img_size, data_info))
     kwargs = {}
     if "teacher_factory" in inspect.signature(recipe_cls).parameters and recipe_args.get("teacher"):
         # loaded lazily by the recipe, on its first training step: evaluating a distilled student never needs it
         kwargs["teacher_factory"] = functools.partial(load_teacher, recipe_args["teacher"],
                                                       recipe_args.get("teacher_model"), num_classes, in_chans)
     recipe = instantiate(cfg.recipe, backbone=backbone, task=task, _convert_="all", **kwargs)
+    if getattr(task, "kind", "classification") != "classification" and not isinstance(recipe, Supervised):
+        if not recipe.pretraining:
+            raise ValueError(f"recipe={type(recipe).__name__.lower()} trains classifiers; a {task.kind} task trains "
+                             "with recipe=supervised (pretrain with recipe=mae/dino on images, then fine-tune it "
+                             "with weights=PATH)")
     if cfg.get("weights"):
         load_weights(recipe, cfg.weights)
     return recipe
@@ -258,7 +311,7 @@ def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: Clas
     scheduler_factory = instantiate(cfg.sched, _convert_="all") if cfg.get("sched") else None
     return VitlabModule(recipe, optimizer_factory, scheduler_factory,
                         config=OmegaConf.to_container(cfg, resolve=True),
-                        data_info={"num_classes": source.num_classes, "in_chans": source.in_chans},
+                        data_info=source_info(source),
                         loss_check_interval=cfg.get("loss_check_interval"), ema=_ema_options(cfg))
 
 
@@ -297,12 +350,21 @@ def _wandb_logged_in() -> bool:
 
 
 def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str] = None,
-                  **overrides: Any) -> pl.Trainer:
+                  monitor: Optional[tuple[Optional[str], str]] = None, **overrides: Any) -> pl.Trainer:
+    """``monitor``: (metric, mode) of the built recipe, for a callback whose config says ``monitor: auto`` (the
+    checkpoint callback reads ``${recipe.monitor}``, which is ``auto`` when the task decides: val/top1, val/map,
+    val/miou)."""
     loggers = _loggers(cfg, wandb_run_id)
     callbacks = [DDPAgreement()]
     for name, ccfg in (cfg.get("callbacks") or {}).items():
         if ccfg is not None:
-            cb = instantiate(ccfg, _convert_="all")
+            extra = {}
+            if ccfg.get("monitor") == "auto":
+                if monitor is None:                     # no recipe at hand: the task's metric
+                    task_cls = get_class(cfg.task._target_)
+                    monitor = (getattr(task_cls, "monitor", "val/top1"), getattr(task_cls, "monitor_mode", "max"))
+                extra = {"monitor": monitor[0], "mode": monitor[1]}
+            cb = instantiate(ccfg, _convert_="all", **extra)
             if isinstance(cb, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
                 continue                   # trainer.enable_progress_bar=false turns the bar off
             if isinstance(cb, LearningRateMonitor) and not loggers:
@@ -345,7 +407,7 @@ def build_run(cfg: DictConfig) -> Run:
     if teacher and not Path(str(teacher)).is_file():      # read on the first step: check it before any work
         raise FileNotFoundError(f"recipe.teacher={teacher} does not exist; give a vitlab checkpoint (a run's "
                                 "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
-    recipe = build_recipe(cfg, source.num_classes, source.in_chans)
+    recipe = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source))
     derived = derive(cfg, recipe)
     module = build_module(cfg, recipe, derived, source)        # before compile: the EMA copies the eager recipe
     for what in apply_model_options(recipe, cfg.get("model")):
@@ -356,7 +418,7 @@ def build_run(cfg: DictConfig) -> Run:
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a run's "
                                     "checkpoints/last.ckpt to resume")
         wandb_id = _checkpoint_meta(cfg.ckpt_path).get("wandb_run_id")
-    trainer = build_trainer(cfg, derived, wandb_id)
+    trainer = build_trainer(cfg, derived, wandb_id, monitor=(recipe.monitor, recipe.monitor_mode))
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             module.wandb_run_id = lg.version
@@ -375,7 +437,7 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> VitlabModule:
         raise ValueError(f"{path} is not a vitlab checkpoint (it holds no resolved config)")
     cfg = OmegaConf.merge(OmegaConf.create(meta["config"]), {"weights": None})
     info = meta["data_info"]
-    module = VitlabModule(build_recipe(cfg, info["num_classes"], info["in_chans"]), config=meta["config"],
+    module = VitlabModule(build_recipe(cfg, info["num_classes"], info["in_chans"], info), config=meta["config"],
                           data_info=info, ema=_ema_options(cfg))
     module.load_state_dict(ckpt["state_dict"])
     module.eval()

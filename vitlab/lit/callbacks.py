@@ -198,12 +198,16 @@ class RunArtifacts(pl.Callback):
             axes[0].plot([e["step"] for e in ep], [e["val/loss"] for e in ep], "o-", label="val loss")
         axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend(), axes[0].grid(alpha=0.3)
         for key, style, label in (("val/top1", "o-", "val top-1"), ("val/top5", "s--", "val top-5"),
-                                  ("val/knn_top1", "^-", "val kNN top-1")):
+                                  ("val/knn_top1", "^-", "val kNN top-1"), ("val/map", "o-", "val mAP"),
+                                  ("val/map_50", "s--", "val mAP@0.5"), ("val/miou", "o-", "val mIoU"),
+                                  ("val/pixel_acc", "s--", "val pixel accuracy")):
             acc = [e for e in self.epochs if key in e]
             if acc:
                 axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e[key] for e in acc], style, label=label,
-                             alpha=0.6 if key == "val/top5" else 1.0)
-        axes[1].set_xlabel("epoch"), axes[1].set_ylabel("accuracy (%)"), axes[1].legend(), axes[1].grid(alpha=0.3)
+                             alpha=0.6 if style == "s--" else 1.0)
+        axes[1].set_xlabel("epoch"), axes[1].set_ylabel("score (%)"), axes[1].grid(alpha=0.3)
+        if axes[1].get_legend_handles_labels()[0]:
+            axes[1].legend()
         fig.tight_layout()
         _atomic_write(self.output_dir / "curves.png", "wb", lambda f: fig.savefig(f, dpi=110, format="png"))
         plt.close(fig)
@@ -226,8 +230,8 @@ class SaveVisuals(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and dataloader_idx == 0 and self._due(trainer) and isinstance(batch, dict):
-            self._batch = {k: (v[: self.max_images] if torch.is_tensor(v) and v.ndim > 0 else v)
-                           for k, v in batch.items()}
+            self._batch = {k: (v[: self.max_images] if (torch.is_tensor(v) and v.ndim > 0) or isinstance(v, list)
+                               else v) for k, v in batch.items()}             # lists: boxes per image
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         batch, self._batch = self._batch, None
@@ -247,23 +251,30 @@ class SaveVisuals(pl.Callback):
 
 def save_image_rows(rows: Sequence[torch.Tensor], path: Path, mean: Optional[Sequence[float]] = None,
                     std: Optional[Sequence[float]] = None) -> None:
-    """Rows of images (n, C, H, W) in normalised space -> one PNG grid (a row per entry), written atomically."""
+    """Rows of images (n, C, H, W) in normalised space -> one PNG grid (a row per entry), written atomically.
+    uint8 rows are finished pictures (boxes or masks drawn on them by a dense task) and are used as they are."""
     import torchvision
 
     n = max(r.shape[0] for r in rows)
     tiles = []
     for r in rows:
+        if r.dtype == torch.uint8:
+            tiles.append(_pad_rows(r.detach().cpu().float() / 255.0, n))
+            continue
         r = r.detach().float().cpu()
         if mean is not None and std is not None:
             r = r * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-        if r.shape[0] < n:                                                 # pad short rows with blank tiles
-            r = torch.cat([r, torch.zeros(n - r.shape[0], *r.shape[1:])])
-        tiles.append(r.clamp(0, 1))
+        tiles.append(_pad_rows(r, n).clamp(0, 1))
     grid = torchvision.utils.make_grid(torch.cat(tiles), nrow=n, padding=1, pad_value=1.0)
     scale = max(1, 64 // max(1, rows[0].shape[-1]))                        # small images: upscale for viewing
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
     _atomic_write(Path(path), "wb", lambda f: torchvision.utils.save_image(grid, f, format="png"))
+
+
+def _pad_rows(r: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad a short row with blank tiles to ``n`` images."""
+    return torch.cat([r, torch.zeros(n - r.shape[0], *r.shape[1:])]) if r.shape[0] < n else r
 
 
 class DDPAgreement(pl.Callback):

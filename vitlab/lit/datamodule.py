@@ -160,6 +160,17 @@ class VitlabDataModule(pl.LightningDataModule):
         if train_transform is not None and self.batched_augment:
             raise DataConfigError("this recipe brings its own training transform (e.g. DINO's multi-crop), which "
                                   "runs per image in the loader: set data.batched_augment=false")
+        # detection / segmentation data brings its own joint image + box / mask transforms and batching
+        self.dense = callable(getattr(source, "build_transform", None))
+        if self.dense:
+            kind = getattr(source, "task", "dense")
+            if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
+                raise DataConfigError(f"mixup / cutmix mix image labels; {kind} data has boxes or masks: set "
+                                      "data.mixup.mixup_alpha=0 and data.mixup.cutmix_alpha=0")
+            if self.batched_augment or self.repeated_aug > 1:
+                raise DataConfigError(f"{kind} data is augmented per image with its boxes / masks: set "
+                                      "data.batched_augment=false and data.repeated_aug=0")
+            mixup = None
         self.mixup = None
         if mixup:
             self.mixup = build_mixup(source.num_classes, **mixup)
@@ -193,7 +204,12 @@ class VitlabDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> Any:
         if split not in self.datasets:
             base = self.source.dataset(split)
-            if self.batched_augment:
+            if self.dense:
+                from vitlab.data.dense import DenseDataset
+
+                tf = self.source.build_transform(split == "train", self.img_size, **self.augment)
+                self.datasets[split] = DenseDataset(base, tf)
+            elif self.batched_augment:
                 self.datasets[split] = self._in_memory(base, split)
             else:
                 tf = self._transform(split == "train")
@@ -205,6 +221,8 @@ class VitlabDataModule(pl.LightningDataModule):
         return self.datasets[split]
 
     def _transform(self, train: bool) -> Callable:
+        if self.dense:
+            return self.source.build_transform(train, self.img_size, **self.augment)
         if train and self.train_transform is not None:
             return self.train_transform
         return build_transforms(train, self.img_size, self.source.mean, self.source.std, **self.augment)
@@ -216,19 +234,29 @@ class VitlabDataModule(pl.LightningDataModule):
         ``max_samples`` keeps that many, evenly spaced over the split (map-style data); shards yield all (the
         reader stops early)."""
         base = self.source.dataset(split)
-        tf = build_transforms(False, self.img_size, self.source.mean, self.source.std, **self.augment)
+        tf = self._transform(False) if self.dense else \
+            build_transforms(False, self.img_size, self.source.mean, self.source.std, **self.augment)
         bs = int(batch_size or self.eval_batch_size)
         workers = self.num_workers if num_workers is None else num_workers
         if isinstance(base, IterableDataset):
             base.transform, base.seed = tf, self.seed
             base.configure(batch_size=bs, world_size=1, rank=0, num_workers=workers, drop_last=False)
             return StreamLoader(base, batch_size=bs, num_workers=workers, drop_last=False)
-        ds: Any = DictDataset(base, tf)
+        if self.dense:
+            from vitlab.data.dense import DenseDataset
+
+            ds: Any = DenseDataset(base, tf)
+        else:
+            ds = DictDataset(base, tf)
         if max_samples is not None and max_samples < len(ds):
             idx = torch.linspace(0, len(ds) - 1, int(max_samples)).round().long().unique().tolist()
             ds = torch.utils.data.Subset(ds, idx)
         return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, drop_last=False,
-                          persistent_workers=False)
+                          persistent_workers=False, collate_fn=self._collate())
+
+    def _collate(self) -> Optional[Callable]:
+        """Dense data batches lists of boxes and pads images / masks: the source's collate."""
+        return self.source.collate if self.dense else None
 
     def _in_memory(self, base: Any, split: str) -> Any:
         from vitlab.data.batched import InMemoryImages
@@ -285,6 +313,8 @@ class VitlabDataModule(pl.LightningDataModule):
         batch_size = self.batch_size if train else self.eval_batch_size
         kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, drop_last=train and self.drop_last)
+        if self.dense:
+            kwargs["collate_fn"] = self._collate()
         if isinstance(ds, IterableDataset):
             ds.configure(batch_size=batch_size, world_size=world, rank=rank, num_workers=self.num_workers,
                          drop_last=train and self.drop_last)
@@ -340,7 +370,7 @@ class VitlabDataModule(pl.LightningDataModule):
         split = self._stage()
         key = (split, self._current_epoch())
         self._corrupt[key] += n
-        total = self._epoch_size.get(split) or len(batch["label"])
+        total = self._epoch_size.get(split) or len(batch["image"])
         if self._corrupt[key] > self.max_corrupt_fraction * total:
             raise CorruptDataError(
                 f"{self._corrupt[key]} unreadable images in the {split} data this epoch, more than "

@@ -93,15 +93,19 @@ class VitlabModule(pl.LightningModule):
         self.data_info = data_info or {}
         self.eval_split = eval_split
         self.loss_check_interval = loss_check_interval
+        # dense tasks (detection, segmentation) score whole epochs (mAP, mIoU): computed once per validation / test
+        self.dense = getattr(recipe.task, "kind", "classification") != "classification"
         # the labels were checked by the data layer: no per-step argument validation on the train split
-        self.train_metrics = recipe.task.metrics(validate_args=False)
+        self.train_metrics = recipe.task.metrics(validate_args=False) if not self.dense else None
         self.val_metrics = recipe.task.metrics()
         self.test_metrics = recipe.task.metrics()
         self.wandb_run_id: Optional[str] = None
         # first non-finite loss, kept on the loss's device: (step, epoch, value); step -1 = none yet
         self._bad_loss: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> Any:
+        """Logits (B, C) for classification; a dense task's predictions (detections per image, or logits
+        (B, C, H, W) for segmentation)."""
         return self.eval_recipe()(images)
 
     def eval_recipe(self) -> Recipe:
@@ -142,7 +146,7 @@ class VitlabModule(pl.LightningModule):
         for k, v in out.items():
             if k not in ("loss", "logits", "target") and torch.is_tensor(v) and v.ndim == 0:
                 self.log(f"train/{k}", v, on_step=True, on_epoch=True, batch_size=bs)
-        if "target" in out:
+        if "target" in out and self.train_metrics is not None:
             # update only: the metric's forward would also compute a per-batch value nobody reads
             self.train_metrics["top1"].update(out["logits"], out["target"])
             self.log("train/top1", self.train_metrics["top1"], on_step=False, on_epoch=True, batch_size=bs)
@@ -204,16 +208,36 @@ class VitlabModule(pl.LightningModule):
             if k not in ("logits", "target") and torch.is_tensor(v) and v.ndim == 0:
                 self.log(f"{prefix}/{k}", v, on_epoch=True, prog_bar=prefix == "val" and k == "loss",
                          sync_dist=True, batch_size=bs)
-        if "logits" in out:          # pretraining recipes have no classifier to score
+        if self.dense and "preds" in out:    # mAP / mIoU: accumulated here, computed at the end of the epoch
+            metrics.update(out["preds"], out["target"])
+        elif "logits" in out:          # pretraining recipes have no classifier to score
             metrics.update(out["logits"], out["target"])
             self.log_dict({f"{prefix}/{k}": m for k, m in metrics.items()}, on_epoch=True,
                           prog_bar=prefix == "val", batch_size=bs)
 
+    def _log_dense_metrics(self, prefix: str, metrics) -> None:
+        """A dense task's epoch metrics (val/map, val/map_50, ... or val/miou, val/pixel_acc, ...). torchmetrics
+        gathers every rank's state in compute(), so each rank logs the same global value."""
+        if not self.dense:
+            return
+        values = self.eval_recipe().task.compute_metrics(metrics)
+        metrics.reset()
+        main = getattr(self.recipe.task, "monitor", "").rpartition("/")[2]
+        for k, v in values.items():
+            self.log(f"{prefix}/{k}", v.to(self.device) if torch.is_tensor(v) else float(v), on_epoch=True,
+                     prog_bar=prefix == "val" and k == main, sync_dist=False)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_dense_metrics("val", self.val_metrics)
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.eval_split, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dense_metrics(self.eval_split, self.test_metrics)
 
     # -------------------------------------------------------- optimizer ---
     def configure_optimizers(self) -> Any:

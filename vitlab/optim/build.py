@@ -90,6 +90,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     check_layer_decay(layer_decay)
     prefix = backbone_prefix(model)
     num_layers = num_blocks(model, prefix)
+    if num_layers == 0:
+        raise ValueError(f"optim.layer_decay={layer_decay} needs a backbone of numbered blocks ({prefix}blocks.N, a "
+                         "ViT); this backbone has none (e.g. a hierarchical timm model): set optim.layer_decay=null")
     groups: dict[tuple[int, bool], dict] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:

@@ -32,14 +32,15 @@ Feature = Literal["pooled", "cls", "avg"]
 class Recipe(nn.Module):
     """Base class. Subclasses implement :meth:`training_step` and :meth:`evaluation_step`.
 
-    ``monitor`` / ``monitor_mode``: the validation metric that picks checkpoints/best.ckpt (callbacks/default.yaml
-    reads them from the recipe's config). None: no metric, best.ckpt is the latest epoch's (pretraining).
+    ``monitor`` / ``monitor_mode``: the validation metric that picks checkpoints/best.ckpt (lit/build.py gives them to
+    the checkpoint callback). None: no metric, best.ckpt is the latest epoch's (pretraining). ``"auto"``: the task's
+    own (``task.monitor``: val/top1 for classification, val/map for detection, val/miou for segmentation).
     """
 
     pretraining: bool = False
 
     def __init__(self, backbone: nn.Module, task: nn.Module, lr_scaling: LRScaling = "linear",
-                 lr_base_batch: int = 256, monitor: Optional[str] = "val/top1",
+                 lr_base_batch: int | Literal["auto"] = 256, monitor: Optional[str] = "auto",
                  monitor_mode: Literal["max", "min"] = "max"):
         super().__init__()
         if lr_scaling not in ("linear", "sqrt", "none"):
@@ -48,6 +49,10 @@ class Recipe(nn.Module):
             raise ValueError(f"monitor_mode must be max or min, got {monitor_mode!r}")
         self.backbone = backbone
         self.task = task
+        if lr_base_batch == "auto":                 # the task's convention: 256 images (classification), 16 (dense)
+            lr_base_batch = int(getattr(task, "lr_base_batch", 256))
+        if monitor == "auto":                       # the task's metric, and its direction
+            monitor, monitor_mode = getattr(task, "monitor", "val/top1"), getattr(task, "monitor_mode", monitor_mode)
         self.lr_scaling = lr_scaling
         self.lr_base_batch = lr_base_batch
         self.monitor = monitor
