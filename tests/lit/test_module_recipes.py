@@ -144,3 +144,25 @@ def test_pretrained_backbone_loads_into_another_image_size():
     wide = vit("Ti", patch_size=4, embed_dim=64, depth=2, num_heads=2, img_size=16, in_chans=1)
     with pytest.raises(ValueError, match="differ in shape"):
         load_backbone_state(small, wide.state_dict(), "wide")
+
+
+def test_pretrained_backbone_with_a_class_token_loads_into_a_vitdet_backbone_without_one():
+    """ViTDet fine-tunes MAE weights (class token, token pooling) in a backbone without a class token, average
+    pooling and window attention, at a larger image size: the blocks load, the patch position rows are resampled,
+    the class token and its position row are dropped."""
+    from vitlab.lit.build import load_backbone_state
+
+    torch.manual_seed(0)
+    mae = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16, in_chans=3)
+    det = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=32, in_chans=3, class_token=False,
+              global_pool="avg", window_size=4, global_blocks=[1])
+    load_backbone_state(det, mae.state_dict(), "mae")
+    torch.testing.assert_close(det.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    assert det.pos_embed.shape[1] == 64                                # no class row; 4x4 -> 8x8 patch rows
+    from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+    torch.testing.assert_close(det.pos_embed, resample_abs_pos_embed(mae.pos_embed[:, 1:], (8, 8), (4, 4), 0))
+    # and the reverse: a backbone with a class token keeps its own init for the row the checkpoint lacks
+    cls_pos = mae.pos_embed[:, :1].clone()
+    load_backbone_state(mae, det.state_dict(), "det")
+    torch.testing.assert_close(mae.pos_embed[:, :1], cls_pos)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,24 +143,43 @@ def load_weights(recipe: Recipe, source: str) -> None:
                       dist_head=getattr(recipe, "dist_head", None))
 
 
-def load_backbone_state(backbone: torch.nn.Module, state: dict, source: str) -> None:
-    """Load a backbone state dict into ``backbone``, resampling position embeddings to its grid. Tokens one side
-    has and the other lacks (a mask token from MAE/SimMIM pretraining, a distillation token) are reported."""
+def _fit_pos_embed(pe: torch.Tensor, backbone: torch.nn.Module, own: torch.Tensor, source: str) -> torch.Tensor:
+    """A checkpoint's position table (1, P + h*w, D) -> this backbone's: the patch rows resampled to its grid, the
+    prefix rows (class / distillation token) kept where both have them, dropped where only the checkpoint has them
+    (ViTDet fine-tunes MAE weights without the class token), and left at their init where only this one has."""
     from vitlab.layers.pos_embed import resample_abs_pos_embed
 
+    own_prefix = int(getattr(backbone, "num_pos_prefix", 1))
+    candidates = [own_prefix] + [p for p in (0, 1, 2) if p != own_prefix]
+    src_prefix = next((p for p in candidates if pe.shape[1] > p and math.isqrt(pe.shape[1] - p) ** 2
+                       == pe.shape[1] - p), None)
+    if src_prefix is None:
+        raise ValueError(f"cannot resample the position embeddings of {source}: {pe.shape[1]} rows are not a square "
+                         "grid plus class / distillation rows")
+    side = math.isqrt(pe.shape[1] - src_prefix)
+    patches = pe[:, src_prefix:]
+    if (side, side) != tuple(backbone.grid):
+        patches = resample_abs_pos_embed(patches, backbone.grid, (side, side), 0)
+        log.info("weights: position embeddings resampled from %dx%d to %dx%d", side, side, *backbone.grid)
+    keep = min(src_prefix, own_prefix)
+    prefix = torch.cat([pe[:, :keep], own[:, keep:own_prefix].to(pe.dtype)], dim=1)
+    if src_prefix != own_prefix:
+        log.info("weights: %d prefix position row(s) in %s, %d in this backbone (%s)", src_prefix, source,
+                 own_prefix, "extra rows dropped" if src_prefix > own_prefix else "missing rows keep their init")
+    return torch.cat([prefix, patches], dim=1)
+
+
+def load_backbone_state(backbone: torch.nn.Module, state: dict, source: str) -> None:
+    """Load a backbone state dict into ``backbone``, resampling position embeddings to its grid. Tokens one side
+    has and the other lacks (a class token dropped for detection, a mask token from MAE/SimMIM pretraining, a
+    distillation token) are reported."""
     own = backbone.state_dict()
     state = dict(state)
     pe = state.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
-        prefix = getattr(backbone, "num_pos_prefix", 1)
-        n_old = pe.shape[1] - prefix
-        side = int(round(n_old ** 0.5))
-        if side * side != n_old:
-            raise ValueError(f"cannot resample the position embeddings of {source}: {n_old} patches is not a square "
-                             "grid")
-        state["pos_embed"] = resample_abs_pos_embed(pe, backbone.grid, (side, side), prefix)
-        log.info("weights: position embeddings resampled from %dx%d to %dx%d", side, side, *backbone.grid)
-    optional = ("mask_token", "dist_token")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape \
+            and pe.shape[-1] == own["pos_embed"].shape[-1]:        # another width is refused below
+        state["pos_embed"] = _fit_pos_embed(pe, backbone, own["pos_embed"], source)
+    optional = ("mask_token", "dist_token", "cls_token", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias")
     shape_bad = [k for k in own if k in state and state[k].shape != own[k].shape]
     if shape_bad:
         raise ValueError(f"the weights in {source} do not fit this backbone: {', '.join(shape_bad[:5])} differ in "
