@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, run_cli
+from tests.conftest import CONF, SHARED_DATA, run_cli
 from vitlab.cli.common import validate_command_line
-from vitlab.lit.build import build_recipe, build_source, derive
+from vitlab.lit.build import build_recipe, build_source, derive, source_info
 
 GROUPS = ["backbone", "task", "data", "recipe", "optim", "sched", "trainer", "logger", "callbacks", "paths",
           "experiment", "debug", "augment"]
@@ -34,17 +35,29 @@ def test_train_defaults_cover_every_group():
         assert options(g), f"conf/{g}/ has no options"
 
 
+EXPERIMENT_DATA = {"vitlab.data.VOCDetection": SHARED_DATA / "bccd" / "BCCD",
+                   "vitlab.data.CamVid": SHARED_DATA / "camvid"}
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_builds(experiment, tmp_path, cifar_subset):
     cfg = compose_train(f"experiment={experiment}", f"paths.output_dir={tmp_path}")
     if cfg.recipe.get("teacher", "absent") is None:       # distillation: the teacher file is read on the first step
         cfg.recipe.teacher = str(tmp_path / "teacher.ckpt")
-    if cfg.data.root is not None:
-        cfg.data.root = str(cifar_subset)
+    if cfg.data.root is not None:           # the shared real data each experiment is written for
+        cfg.data.root = str(EXPERIMENT_DATA.get(cfg.data.source._target_, cifar_subset))
+        if not Path(cfg.data.root).is_dir():
+            pytest.skip(f"the shared dataset {cfg.data.root} is not here")
     source = build_source(cfg)
-    recipe = build_recipe(cfg, source.num_classes, source.in_chans)
+    recipe = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source)).eval()
     x = torch.randn(2, source.in_chans, cfg.data.img_size, cfg.data.img_size)
-    assert recipe(x).shape == (2, source.num_classes)
+    out = recipe(x)
+    if source.task == "detection":          # detections per image
+        assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])
+    elif source.task == "segmentation":     # logits per pixel
+        assert out.shape == (2, source.num_classes, cfg.data.img_size, cfg.data.img_size)
+    else:
+        assert out.shape == (2, source.num_classes)
     d = derive(cfg, recipe)
     assert d.global_batch == cfg.data.batch_size
     # experiments only override: the file is a `# @package _global_` file

@@ -41,10 +41,13 @@ def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarr
     return out
 
 
-class ClassificationSource:
-    """Base for classification sources. Subclasses set the attributes and implement ``_load``."""
+class DataSource:
+    """What every data source provides: where its splits are and a dataset per split. ``task`` names the task
+    family the data is for (classification here; detection / segmentation: :class:`vitlab.data.dense.DenseSource`).
+    Subclasses set the attributes and implement ``_load``."""
 
     name: str = "?"
+    task: str = "classification"
     num_classes: int
     in_chans: int = 3
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -59,7 +62,7 @@ class ClassificationSource:
         return split in self.splits
 
     def dataset(self, split: str) -> Dataset:
-        """A dataset of (image, label) for ``split`` (PIL image or float tensor (C, H, W))."""
+        """The dataset of ``split``: (image, label) pairs for classification (PIL image or float tensor (C, H, W))."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         if not self.has_split(split):
@@ -72,6 +75,10 @@ class ClassificationSource:
 
     def _load(self, split: str) -> Dataset:
         raise NotImplementedError
+
+
+class ClassificationSource(DataSource):
+    """Base for classification sources: datasets of (image, label)."""
 
 
 class ArrayDataset(Dataset):

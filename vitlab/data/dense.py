@@ -25,51 +25,23 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch.utils.data import Dataset
 
-from vitlab.data.base import DECODE_ERRORS, SPLITS, CorruptDataError, DatasetNotFoundError, describe_item
+from vitlab.data.base import DECODE_ERRORS, CorruptDataError, DataSource, describe_item
 
 log = logging.getLogger("vitlab")
 
 
-class DenseSource:
-    """Base for detection and segmentation sources. Subclasses set the attributes and implement ``_load``,
-    ``build_transform`` and ``collate``.
+class DenseSource(DataSource):
+    """Base for detection and segmentation sources. Subclasses set the attributes and implement ``_load`` (the raw
+    samples of a split), ``build_transform`` and ``collate``.
 
     ``task`` names the task family the data is for; the builder refuses a task of another family with the fix.
     ``ignore_index`` (segmentation): the mask value that marks unlabelled pixels (not scored, no loss).
     ``palette`` (optional): a colour per class, (num_classes, 3) uint8 values, for drawn predictions.
     """
 
-    name: str = "?"
     task: str = "?"                                   # "detection" | "segmentation"
-    num_classes: int
-    class_names: list[str]
-    in_chans: int = 3
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    splits: tuple[str, ...] = SPLITS
     ignore_index: Optional[int] = None
     palette: Optional[Sequence[Sequence[int]]] = None
-
-    def check(self) -> None:
-        """Raise :class:`DatasetNotFoundError` naming the problem and the fix, before any work."""
-
-    def has_split(self, split: str) -> bool:
-        return split in self.splits
-
-    def dataset(self, split: str) -> Dataset:
-        """The raw samples of ``split`` (dicts of tv_tensors, see the module docstring)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        if not self.has_split(split):
-            raise DatasetNotFoundError(self.missing_split_message(split))
-        return self._load(split)
-
-    def missing_split_message(self, split: str) -> str:
-        return (f"the {self.name} data has no {split!r} split (it has: {', '.join(self.splits)}); "
-                "evaluate on one of those, e.g. split=val")
-
-    def _load(self, split: str) -> Dataset:
-        raise NotImplementedError
 
     def build_transform(self, train: bool, img_size: int, **augment: Any) -> Callable[[dict], dict]:
         raise NotImplementedError
