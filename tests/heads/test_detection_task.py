@@ -301,3 +301,23 @@ def test_faster_rcnn_overfits_two_images():
         iou = box_iou(d["boxes"][:1], boxes)[0]                      # top detection vs every ground-truth box
         j = int(iou.argmax())
         assert iou[j] > 0.5 and int(d["labels"][0]) == int(labels[j])
+
+
+def test_roi_align_reads_patch14_pyramids_at_their_exact_strides():
+    """torchvision rounds each level's scale to a power of two; a patch-14 ViT's levels are at strides 7, 14, 28,
+    56: the pooler must use those exactly, or every RoI is read at 7/8 of its position."""
+    from vitlab.heads import DetectionTask
+
+    task = DetectionTask(in_dim=32, num_classes=3, patch_size=14, img_size=112, neck_channels=16,
+                         scales=(2.0, 1.0, 0.5, 0.25))
+    pool = task.detector.roi_heads.box_roi_pool
+    assert pool.scales == pytest.approx([1 / 7, 1 / 14, 1 / 28, 1 / 56])
+    # and it trains: RoIs of a patch-14 pyramid are pooled without torchvision's power-of-two inference
+    backbone = vit("Ti", patch_size=14, embed_dim=32, depth=2, num_heads=2, img_size=112)
+    batch = {"image": torch.randn(1, 3, 112, 112), "boxes": [torch.tensor([[10.0, 10.0, 60.0, 70.0]])],
+             "labels": [torch.tensor([1])], "iscrowd": [torch.zeros(1, dtype=torch.uint8)],
+             "image_size": torch.tensor([[112, 112]]), "scale": torch.ones(1)}
+    assert torch.isfinite(task.training_step(backbone, batch)["loss"])
+    # patch 16: torchvision's own inference is left alone (exact powers of two)
+    task16 = DetectionTask(in_dim=32, num_classes=3, patch_size=16, img_size=128, neck_channels=16)
+    assert task16.detector.roi_heads.box_roi_pool.scales is None

@@ -214,7 +214,9 @@ def test_slide_runs_the_real_backbone_on_a_large_image():
 # ----------------------------------------------------------------- metrics ---
 def run_eval(task, pred_map, mask, image_size=None, mask_size=None, monkeypatch=None):
     B, H, W = pred_map.shape
-    monkeypatch.setattr(task, "predict", lambda backbone, images: one_hot_logits(pred_map, task.num_classes))
+    # the task predicts each image on its valid region: the stand-in returns that crop of the fixed logits
+    monkeypatch.setattr(task, "predict", lambda backbone, images: one_hot_logits(pred_map, task.num_classes)[
+        : images.shape[0], :, : images.shape[-2], : images.shape[-1]])
     batch = {"image": torch.zeros(B, 3, H, W), "mask": mask}
     if image_size is not None:
         batch["image_size"], batch["mask_size"] = torch.tensor(image_size), torch.tensor(mask_size)
@@ -318,6 +320,27 @@ def test_eval_runs_end_to_end_with_padding_and_resizing():
     assert torch.isfinite(out["loss"])
 
 
+def test_eval_does_not_depend_on_how_images_are_batched():
+    """A 48x64 image gives the same predictions alone and in a batch padded to 64x64 with a larger image: it is
+    predicted on its own valid region, so the padding tokens the ViT would attend to never enter."""
+    backbone, task = make("linear")
+    task.eval()
+    torch.manual_seed(1)
+    small, large = torch.randn(3, 48, 64), torch.randn(3, 64, 64)
+    alone = {"image": small[None], "mask": torch.randint(0, C, (1, 48, 64)), "image_size": torch.tensor([[48, 64]]),
+             "mask_size": torch.tensor([[48, 64]])}
+    padded = torch.zeros(2, 3, 64, 64)
+    padded[0, :, :48], padded[1] = small, large
+    mask = torch.full((2, 64, 64), 255)
+    mask[0, :48], mask[1] = alone["mask"][0], torch.randint(0, C, (64, 64))
+    together = {"image": padded, "mask": mask, "image_size": torch.tensor([[48, 64], [64, 64]]),
+                "mask_size": torch.tensor([[48, 64], [64, 64]])}
+    with torch.no_grad():
+        a, b = task.evaluation_step(backbone, alone), task.evaluation_step(backbone, together)
+    n = 48 * 64
+    assert torch.equal(a["preds"], b["preds"][:n])
+
+
 # ----------------------------------------------------------------- drawing ---
 def test_visualize_gives_uint8_rows():
     backbone, task = make("linear")
@@ -388,3 +411,13 @@ def test_real_camvid_batch_evaluates_at_the_original_resolution():
     m = task.compute_metrics(metric)
     assert 0 <= m["miou"] <= 1 and "iou_signsymbol" in m and "iou_sky" in m
     assert all(r.shape == batch["image"].shape and r.dtype == torch.uint8 for r in rows)
+
+
+def test_upernet_at_one_image_per_device_stops_with_the_fix():
+    """UPerNet's global pooling branch batch-normalises one value per channel and image: at batch 1 it cannot
+    train (mmseg relies on SyncBN with >= 2 images per GPU); the step says so instead of BatchNorm's ValueError."""
+    task = SegmentationTask(in_dim=32, num_classes=3, patch_size=8, img_size=64, head="upernet", channels=16)
+    backbone = vit("Ti", patch_size=8, embed_dim=32, depth=4, num_heads=2, img_size=64, out_indices=4)
+    batch = {"image": torch.randn(1, 3, 64, 64), "mask": torch.randint(0, 3, (1, 64, 64))}
+    with pytest.raises(ValueError, match="raise data.batch_size"):
+        task.training_step(backbone, batch)

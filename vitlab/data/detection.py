@@ -235,10 +235,12 @@ class VOCDetection(DetectionSource):
     def class_names(self) -> list[str]:
         if self._classes is None:
             self.check()
-            names = {n for s in self.splits for _, obj, _ in self._parse_objects(s) for n in obj}
+            # the labelled splits only: VOC's test lists may come without annotations
+            read = [s for s in self.splits if s != "test"] or list(self.splits)
+            names = {n for s in read for _, obj, _ in self._parse_objects(s) for n in obj}
             self._classes = sorted(names)
             log.info("voc: %d classes found in the annotations of %s: %s (set data.source.classes to choose the "
-                     "order)", len(self._classes), ", ".join(self.splits), ", ".join(self._classes))
+                     "order)", len(self._classes), ", ".join(read), ", ".join(self._classes))
         return self._classes
 
     @property

@@ -73,6 +73,20 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_") or "class"
 
 
+def _roi_pool(names: Sequence[str], strides: Sequence[int], output_size: int) -> MultiScaleRoIAlign:
+    """RoIAlign over the pyramid levels. torchvision infers each level's scale from the feature / image size ratio
+    and rounds it to a power of two, which is wrong for a patch-14 ViT (strides 7, 14, 28, ...: RoIs would be read
+    at 7/8 of their position): the exact scales are set here, and the level mapper works on log2 of the strides."""
+    from torchvision.ops.poolers import LevelMapper
+
+    pool = MultiScaleRoIAlign(featmap_names=list(names), output_size=output_size, sampling_ratio=2)
+    if any(s & (s - 1) for s in strides):                                 # not all powers of two
+        pool.scales = [1.0 / float(s) for s in strides]
+        lvl = [round(math.log2(s)) for s in strides]
+        pool.map_levels = LevelMapper(lvl[0], lvl[-1])
+    return pool
+
+
 @contextmanager
 def _training_mode(module: nn.Module, training: bool) -> Iterator[None]:
     """torchvision's detectors return losses in train mode and detections in eval mode: set the one a call needs,
@@ -233,12 +247,12 @@ class DetectionTask(DenseTask):
                       image_std=list(self.std))
         if detector in ("faster_rcnn", "mask_rcnn"):
             roi_names = body.names[:-1]                                    # RoIAlign on every level but P6
-            box_pool = MultiScaleRoIAlign(featmap_names=roi_names, output_size=7, sampling_ratio=2)
+            box_pool = _roi_pool(roi_names, body.strides[:-1], 7)
             kwargs = dict(common, num_classes=self.num_classes + 1, rpn_anchor_generator=anchors,
                           box_roi_pool=box_pool, box_score_thresh=self.score_threshold,
                           box_nms_thresh=self.nms_threshold, box_detections_per_img=self.detections_per_image)
             if detector == "mask_rcnn":
-                kwargs["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=roi_names, output_size=14, sampling_ratio=2)
+                kwargs["mask_roi_pool"] = _roi_pool(roi_names, body.strides[:-1], 14)
                 model = MaskRCNN(body, **kwargs, **opts)
             else:
                 model = FasterRCNN(body, **kwargs, **opts)
@@ -332,9 +346,14 @@ class DetectionTask(DenseTask):
         dets = self._detect(backbone, images, batch.get("image_size"))
         scale = batch["scale"].to(images.device, torch.float32)              # (B,) transformed / original
         preds, target = [], []
+        valid = batch.get("image_size")
         for i, d in enumerate(dets):
-            preds.append({"boxes": d["boxes"].float() / scale[i], "scores": d["scores"].float(),
-                          "labels": d["labels"].long()})
+            boxes = d["boxes"].float()
+            if valid is not None:                    # inside the image, not the padding, before mapping back
+                h, w = (float(v) for v in valid[i])
+                boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                                     boxes[:, 3].clamp(0, h)], dim=1)
+            preds.append({"boxes": boxes / scale[i], "scores": d["scores"].float(), "labels": d["labels"].long()})
             boxes = batch["boxes"][i].to(images.device, torch.float32).reshape(-1, 4)
             labels = batch["labels"][i].to(images.device, torch.int64)
             crowd = batch["iscrowd"][i].to(images.device, torch.int64) if "iscrowd" in batch \
@@ -370,13 +389,20 @@ class DetectionTask(DenseTask):
 
     def compute_metrics(self, metric) -> dict[str, torch.Tensor]:
         """map, map_50, map_75, map_small/medium/large, mar_1/10/100 and map_<class> (per_class_map); a value of -1
-        (no object of that size or class) is dropped."""
+        (no object of that size or class) is dropped, except for map and map_50, which are always there (the
+        checkpoint callback monitors val/map). A class name that would collide with a COCO key or another class
+        gets its index appended."""
         res = metric.compute()
-        out = {k: res[k].reshape(()) for k in MAP_KEYS if k in res and res[k].numel() == 1 and float(res[k]) != -1}
+        out = {k: res[k].reshape(()) for k in MAP_KEYS if k in res and res[k].numel() == 1
+               and (float(res[k]) != -1 or k in ("map", "map_50"))}
         if self.per_class_map and "classes" in res:
+            taken = {f"map_{k}" for k in ("50", "75", "small", "medium", "large")}
             for c, v in zip(res["classes"].flatten().tolist(), res["map_per_class"].flatten()):
                 if float(v) != -1:
-                    out[f"map_{sanitize(self.class_name(int(c)))}"] = v
+                    name = f"map_{sanitize(self.class_name(int(c)))}"
+                    if name in taken or name in out:
+                        name = f"{name}_{int(c)}"
+                    out[name] = v
         return out
 
     # ------------------------------------------------------------- pictures ---

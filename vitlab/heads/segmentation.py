@@ -272,6 +272,10 @@ class SegmentationTask(DenseTask):
         """-> {"loss", "loss_seg" (+ "loss_aux", unweighted, UPerNet)} or SegViT's {"loss", "loss_cls",
         "loss_mask", "loss_dice"} (weighted, summed over stages). Logits are upsampled to the mask's size."""
         mask = batch["mask"]                                                # (B, Hm, Wm)
+        if self.head_type == "upernet" and batch["image"].shape[0] < 2:
+            raise ValueError("head=upernet batch-normalises its global pooling branch (one value per channel and "
+                             "image), which needs at least 2 images per device in training: raise data.batch_size "
+                             "to 2 or more, or use task.head=linear")
         out = self.forward_features(backbone(batch["image"]))
         if self.head_type == "segvit":
             o = self.segvit_opts
@@ -296,12 +300,22 @@ class SegmentationTask(DenseTask):
 
     def evaluation_step(self, backbone: Backbone, batch: dict) -> dict:
         """Per sample: logits on its valid region, resized (bilinear) to its mask's valid size, argmax.
-        -> {"preds", "target": 1-D int64 over the labelled pixels of the batch, "loss": CE on those pixels}."""
-        logits = self.predict(backbone, batch["image"])                     # (B, C, H, W)
-        mask = batch["mask"]
-        preds, target, loss_sum = [], [], logits.new_zeros((), dtype=torch.float32)
-        for i, ((h, w), (hm, wm)) in enumerate(zip(*self._valid_sizes(batch))):
-            lg = F.interpolate(logits[i:i + 1, :, :h, :w].float(), size=(hm, wm), mode="bilinear",
+        -> {"preds", "target": 1-D int64 over the labelled pixels of the batch, "loss": CE on those pixels}.
+
+        Each image is predicted at its own valid size (images of one size together), never on the batch's padded
+        canvas: the ViT attends globally, so padding tokens would change the result with the batch's make-up."""
+        images, mask = batch["image"], batch["mask"]
+        img_sizes, mask_sizes = self._valid_sizes(batch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, hw in enumerate(img_sizes):
+            groups.setdefault((int(hw[0]), int(hw[1])), []).append(i)
+        logits: dict[int, Tensor] = {}
+        for (h, w), idx in groups.items():
+            out = self.predict(backbone, images[idx, :, :h, :w])            # (n, C, h, w)
+            logits.update({i: out[j:j + 1] for j, i in enumerate(idx)})
+        preds, target, loss_sum = [], [], images.new_zeros((), dtype=torch.float32)
+        for i, (hm, wm) in enumerate(mask_sizes):
+            lg = F.interpolate(logits[i].float(), size=(int(hm), int(wm)), mode="bilinear",
                                align_corners=False)[0]                       # (C, hm, wm)
             tgt = mask[i, :hm, :wm]
             keep = tgt != self.ignore_index                                 # (hm, wm)

@@ -370,10 +370,16 @@ def _wandb_logged_in() -> bool:
 
 
 def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str] = None,
-                  monitor: Optional[tuple[Optional[str], str]] = None, **overrides: Any) -> pl.Trainer:
+                  monitor: Optional[tuple[Optional[str], str]] = None, dense: bool = False,
+                  **overrides: Any) -> pl.Trainer:
     """``monitor``: (metric, mode) of the built recipe, for a callback whose config says ``monitor: auto`` (the
     checkpoint callback reads ``${recipe.monitor}``, which is ``auto`` when the task decides: val/top1, val/map,
-    val/miou)."""
+    val/miou).
+
+    ``dense`` (a detection or segmentation task): ``trainer.strategy=ddp`` runs with ``find_unused_parameters``.
+    A dense head reads only some of the backbone's outputs (UPerNet the pre-norm taps, not the final norm; a ViTDet
+    backbone's ``fc_norm`` feeds only the pooled vector), and torchvision's detectors may skip heads on some
+    steps, so some parameters get no gradient, which plain DDP cannot reduce."""
     loggers = _loggers(cfg, wandb_run_id)
     callbacks = [DDPAgreement()]
     for name, ccfg in (cfg.get("callbacks") or {}).items():
@@ -399,6 +405,11 @@ def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str]
                                          enable_version_counter=False))
     kwargs = dict(precision=derived.precision, callbacks=callbacks, logger=loggers or False,
                   plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir)
+    if dense and cfg.trainer.get("strategy") == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)
+        log.info("ddp: find_unused_parameters=True (a dense task reads only some of the backbone's outputs)")
     kwargs.update(overrides)
     return instantiate(cfg.trainer, _convert_="all", **kwargs)
 
@@ -438,7 +449,8 @@ def build_run(cfg: DictConfig) -> Run:
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist; point it at a run's "
                                     "checkpoints/last.ckpt to resume")
         wandb_id = _checkpoint_meta(cfg.ckpt_path).get("wandb_run_id")
-    trainer = build_trainer(cfg, derived, wandb_id, monitor=(recipe.monitor, recipe.monitor_mode))
+    trainer = build_trainer(cfg, derived, wandb_id, monitor=(recipe.monitor, recipe.monitor_mode),
+                            dense=getattr(recipe.task, "kind", "classification") != "classification")
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             module.wandb_run_id = lg.version
