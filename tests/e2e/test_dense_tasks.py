@@ -28,7 +28,8 @@ SMALL = ["backbone.embed_dim=64", "backbone.num_heads=2", "trainer.max_epochs=1"
          "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "data.batch_size=2", "data.eval_batch_size=2",
          "data.num_workers=0", "trainer.enable_progress_bar=false", "run_test=false"]
 DETECTION = ["task=detection", "backbone.depth=2", "data.img_size=128", "task.neck_channels=32"]
-SEGMENTATION = ["task=segmentation", "backbone.depth=4", "data.img_size=128", "task.channels=32", "data.augment.eval_size=128"]
+SEGMENTATION = ["task=segmentation", "backbone.depth=4", "data.img_size=128", "task.channels=32",
+                "data.augment.eval_size=128"]
 
 
 def needs(path: Path) -> None:
