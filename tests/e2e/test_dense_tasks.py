@@ -57,6 +57,8 @@ def test_detection_on_voc_writes_map_and_drawn_predictions(voc_run):
     metrics = json.loads((voc_run / "metrics.json").read_text())
     assert 0.0 <= metrics["val/map"] <= 1.0 and 0.0 <= metrics["val/map_50"] <= 1.0
     assert metrics["val/map_50"] >= metrics["val/map"]
+    history = json.loads((voc_run / "history.json").read_text())["epochs"]
+    assert history[-1]["val/map"] == pytest.approx(metrics["val/map"])
     assert "val/best_map" in metrics                                   # best.ckpt followed val/map
     assert {"train/loss_classifier", "train/loss_box_reg", "train/loss_objectness"} <= set(metrics)
     assert any(k.startswith("val/map_") and k.endswith(("rbc", "wbc", "platelets")) for k in metrics)
@@ -107,6 +109,9 @@ def test_segmentation_on_camvid_writes_miou_and_overlays(camvid_run):
     assert 0.0 <= metrics["val/miou"] <= 1.0 and 0.0 <= metrics["val/pixel_acc"] <= 1.0
     assert "val/best_miou" in metrics and "val/iou_road" in metrics
     assert metrics["train/loss"] > 0
+    # the epoch's row in history.json holds that epoch's mIoU (logged after the callbacks' epoch-end hooks)
+    history = json.loads((camvid_run / "history.json").read_text())["epochs"]
+    assert history[-1]["val/miou"] == pytest.approx(metrics["val/miou"])
     assert sorted((camvid_run / "visuals").glob("segmentation_epoch*.png"))
 
 

@@ -121,7 +121,9 @@ class RunArtifacts(pl.Callback):
             floats = [float(v) for v in values]
         self.steps.extend(zip(steps, floats, strict=True))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # after the module's on_validation_epoch_end: the dense tasks' epoch metrics (mAP, mIoU) are logged there,
+        # and Lightning calls the callbacks' on_validation_epoch_end before the module's
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self._flush()
