@@ -86,7 +86,7 @@ def detection_baseline(cfg: DictConfig, split: str) -> dict[str, float]:
             preds.append({"boxes": torch.cat(bx), "scores": torch.cat(sc), "labels": torch.cat(lb)})
             scale = float(batch["scale"][j])
             target.append({"boxes": batch["boxes"][j] / scale, "labels": batch["labels"][j],
-                           "iscrowd": batch["iscrowd"][j].long()})
+                           "iscrowd": batch["iscrowd"][j].long(), "area": batch["area"][j].float()})
         metric.update(preds, target)
     return {f"prior_boxes/{k}": float(v) for k, v in task.compute_metrics(metric).items()}
 

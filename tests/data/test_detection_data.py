@@ -159,6 +159,10 @@ def test_tiny_coco_loads_with_contiguous_labels(tiny_coco: COCODetection, coco_r
     x, y, w, h = anns[0]["bbox"]
     assert sample["boxes"][0].tolist() == pytest.approx([x, y, x + w, y + h], abs=1e-3)
     assert sample["iscrowd"].tolist() == [a["iscrowd"] for a in anns]
+    # COCO's size buckets read the annotation's (mask) area, not the box's; it survives the transforms unscaled
+    assert sample["area"].tolist() == pytest.approx([a["area"] for a in anns], rel=1e-5)
+    out = tiny_coco.build_transform(False, 96)(sample)
+    assert out["area"].tolist() == pytest.approx([a["area"] for a in anns], rel=1e-5)
     labels = torch.cat([torch.from_numpy(r.labels) for r in val.records])
     assert labels.min() >= 0 and labels.max() < 80 and tiny_coco.dropped["val"] == 0
 
@@ -269,9 +273,11 @@ def test_collate_shapes(bccd: VOCDetection):
     samples = [ds[i] for i in range(3)]
     batch = detection_collate(samples)
     assert batch["image"].shape == (3, 3, 64, 64) and batch["image"].dtype == torch.float32
-    for key in ("boxes", "labels", "iscrowd"):
+    for key in ("boxes", "labels", "iscrowd", "area"):
         assert isinstance(batch[key], list) and len(batch[key]) == 3
     assert all(b.shape[1:] == (4,) and b.dtype == torch.float32 for b in batch["boxes"])
+    # the train crop drops boxes: the areas follow the boxes kept (VOC: the box's own area, original pixels)
+    assert all(len(a) == len(b) for a, b in zip(batch["area"], batch["boxes"]))
     assert all(lab.dtype == torch.int64 for lab in batch["labels"])
     assert "masks" not in batch
     assert batch["image_id"].tolist() == [0, 1, 2] and batch["image_id"].dtype == torch.int64

@@ -323,3 +323,28 @@ def test_roi_align_reads_patch14_pyramids_at_their_exact_strides():
     # patch 16: torchvision's own inference is left alone (exact powers of two)
     task16 = DetectionTask(in_dim=32, num_classes=3, patch_size=16, img_size=128, neck_channels=16)
     assert task16.detector.roi_heads.box_roi_pool.scales is None
+
+
+def test_evaluation_targets_carry_the_annotated_area_for_the_size_buckets():
+    """COCO buckets objects by their annotated (mask) area: a 200x200 box whose object covers 30x30 pixels is a
+    small object, and a perfect detection of it scores map_small 1 with no medium / large objects at all."""
+    from vitlab.heads import DetectionTask
+
+    task = DetectionTask(in_dim=32, num_classes=3, patch_size=8, img_size=64, neck_channels=16)
+    box = torch.tensor([[0.0, 0.0, 200.0, 200.0]])
+    metric = task.metrics()
+    metric.update([{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}],
+                  [{"boxes": box, "labels": torch.tensor([1]), "iscrowd": torch.tensor([0]),
+                    "area": torch.tensor([900.0])}])
+    m = task.compute_metrics(metric)
+    assert m["map_small"].item() == pytest.approx(1.0)
+    assert "map_large" not in m                                       # -1: no large object
+    # and evaluation_step hands the batch's areas (original pixels, not divided by the scale) to the metric
+    backbone = vit("Ti", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=64)
+    batch = {"image": torch.randn(1, 3, 64, 64), "boxes": [torch.tensor([[4.0, 4.0, 40.0, 40.0]])],
+             "labels": [torch.tensor([1])], "iscrowd": [torch.zeros(1, dtype=torch.uint8)],
+             "area": [torch.tensor([1000.0])], "image_size": torch.tensor([[64, 64]]), "scale": torch.tensor([0.5])}
+    with torch.no_grad():
+        out = task.eval().evaluation_step(backbone, batch)
+    assert out["target"][0]["area"].tolist() == [1000.0]
+    assert out["target"][0]["boxes"].tolist() == [[8.0, 8.0, 80.0, 80.0]]

@@ -6,6 +6,8 @@ torchvision's v2 transforms move together (a flip flips the image, its boxes and
     detection:     {"image": tv_tensors.Image uint8 (3, H, W),
                     "boxes": tv_tensors.BoundingBoxes (n, 4) float, XYXY, absolute pixels, canvas (H, W),
                     "labels": int64 (n,) in [0, num_classes)        (no background index: heads shift as needed),
+                    "iscrowd": uint8 (n,)  (crowd / 'difficult': no loss, not a miss), "area": float32 (n,) object area
+                    in original pixels (COCO's annotation area, else the box's: mAP's size buckets),
                     "masks": tv_tensors.Mask uint8 (n, H, W)        (optional: instance masks, COCO polygons / RLE),
                     "image_id": int, "orig_size": (H, W)}
     segmentation:  {"image": tv_tensors.Image uint8 (3, H, W),

@@ -3,7 +3,8 @@
 Every source hands out raw samples (see :mod:`vitlab.data.dense`)::
 
     {"image": tv_tensors.Image uint8 (3, H, W), "boxes": tv_tensors.BoundingBoxes (n, 4) XYXY pixels, canvas (H, W),
-     "labels": int64 (n,), "iscrowd": uint8 (n,), "masks": tv_tensors.Mask uint8 (n, H, W) (COCO, with_masks),
+     "labels": int64 (n,), "iscrowd": uint8 (n,), "area": float32 (n,) (original pixels: COCO's annotation area,
+     else the box's), "masks": tv_tensors.Mask uint8 (n, H, W) (COCO, with_masks),
      "image_id": int, "orig_size": (H, W)}
 
 Annotations are parsed once per split into a list of records held in memory; images are read in ``__getitem__``
@@ -72,6 +73,8 @@ class DetectionRecord:
     labels: np.ndarray                       # (n,) int64
     iscrowd: np.ndarray                      # (n,) uint8
     segs: Optional[list] = None              # COCO segmentations (polygons / RLE), one per box, when masks are asked
+    area: Optional[np.ndarray] = None        # (n,) float32 object area in original pixels (COCO: the annotation's,
+                                             # i.e. the mask's; else the box's): COCO's small / medium / large buckets
 
 
 def clip_boxes(boxes: np.ndarray, size: Optional[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +135,9 @@ class DetectionDataset(Dataset):
             raise ValueError(f"the image is {h}x{w} but its annotation says {r.size[0]}x{r.size[1]} (height x "
                              "width); fix the annotation or the image")
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(r.boxes).reshape(-1, 4), format="XYXY", canvas_size=(h, w))
+        area = r.area if r.area is not None else (r.boxes[:, 2] - r.boxes[:, 0]) * (r.boxes[:, 3] - r.boxes[:, 1])
         sample = {"image": image, "boxes": boxes, "labels": torch.from_numpy(r.labels),
-                  "iscrowd": torch.from_numpy(r.iscrowd)}
+                  "iscrowd": torch.from_numpy(r.iscrowd), "area": torch.from_numpy(np.asarray(area, np.float32))}
         if self.with_masks:
             segs = r.segs or []
             masks = (np.stack([decode_segmentation(s, h, w) for s in segs]) if segs
@@ -438,7 +442,9 @@ class COCODetection(DetectionSource):
                 path=folder / img["file_name"], image_id=image_id, size=size, boxes=boxes[keep],
                 labels=np.array([self._cat_index[int(a["category_id"])] for a in kept], np.int64),
                 iscrowd=np.array([int(a.get("iscrowd", 0)) for a in kept], np.uint8),
-                segs=[a.get("segmentation") for a in kept] if self.with_masks else None))
+                segs=[a.get("segmentation") for a in kept] if self.with_masks else None,
+                area=np.array([float(a["area"]) if a.get("area") else float((b[2] - b[0]) * (b[3] - b[1]))
+                               for a, b in zip(kept, boxes[keep])], np.float32).reshape(-1)))
         self.dropped[split] = count
         log_dropped(self.name, split, count, files)
         return records
@@ -487,16 +493,17 @@ def _crop_pad(sample: dict, top: int, left: int, h: int, w: int, size: int, fill
     return out
 
 
-def _labels_and_crowd(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _labels_and_crowd(sample: dict) -> tuple[torch.Tensor, ...]:
     """What SanitizeBoundingBoxes drops along with a box (instance masks it finds itself)."""
-    return sample["labels"], sample["iscrowd"]
+    return tuple(sample[k] for k in ("labels", "iscrowd", "area") if k in sample)
 
 
 class DetectionTransform:
     """The v2 pipeline of one split (see the module docstring): raw sample -> the sample the collate batches::
 
         {"image": float (3, S, S) normalised, "boxes": float (n, 4) XYXY pixels of it, "labels": int64 (n,),
-         "iscrowd": uint8 (n,), "masks": uint8 (n, S, S) (when the source gives them), "image_id": int,
+         "iscrowd": uint8 (n,), "area": float32 (n,) original pixels (not rescaled: mAP's size buckets),
+         "masks": uint8 (n, S, S) (when the source gives them), "image_id": int,
          "orig_size": int64 (2,) (H, W), "image_size": int64 (2,) valid (h, w), "scale": float (resize factor)}
     """
 
@@ -559,6 +566,8 @@ class DetectionTransform:
         out = {"image": F.normalize(sample["image"], self.mean, self.std).as_subclass(torch.Tensor),  # (3, S, S)
                "boxes": sample["boxes"].as_subclass(torch.Tensor).float().reshape(-1, 4),             # (n, 4)
                "labels": sample["labels"], "iscrowd": sample["iscrowd"]}
+        if "area" in sample:                          # original pixels, for mAP's size buckets (not rescaled)
+            out["area"] = sample["area"]
         if "masks" in sample:
             out["masks"] = sample["masks"].as_subclass(torch.Tensor)                                 # (n, S, S)
         orig = sample.get("orig_size", (H, W))
@@ -581,7 +590,7 @@ def detection_collate(samples: list[dict]) -> dict:
         raise ValueError(f"detection_collate needs images of one size, got {sorted(shapes)}: build the dataset "
                          "with source.build_transform(train, img_size), which pads every image to img_size")
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}        # (B, 3, S, S)
-    keys = ["boxes", "labels", "iscrowd"] + (["masks"] if all("masks" in s for s in samples) else [])
+    keys = ["boxes", "labels", "iscrowd"] + [k for k in ("area", "masks") if all(k in s for s in samples)]
     for key in keys:
         batch[key] = [s[key] for s in samples]
     batch["image_id"] = torch.tensor([int(s.get("image_id", -1)) for s in samples], dtype=torch.int64)   # (B,)

@@ -358,7 +358,10 @@ class DetectionTask(DenseTask):
             labels = batch["labels"][i].to(images.device, torch.int64)
             crowd = batch["iscrowd"][i].to(images.device, torch.int64) if "iscrowd" in batch \
                 else torch.zeros_like(labels)
-            target.append({"boxes": boxes / scale[i], "labels": labels, "iscrowd": crowd})
+            tgt = {"boxes": boxes / scale[i], "labels": labels, "iscrowd": crowd}
+            if "area" in batch:                      # the annotation's area (COCO: the mask's) in original pixels
+                tgt["area"] = batch["area"][i].to(images.device, torch.float32)
+            target.append(tgt)
         return {"preds": preds, "target": target}
 
     def predict(self, backbone: Backbone, images: torch.Tensor) -> list[dict]:
