@@ -227,3 +227,13 @@ def test_webdataset_urls_take_a_folder_or_a_quoted_brace_pattern(tmp_path):
     braced = build_source(compose_train("data=webdataset", f"data.urls='{tmp_path}/train-{{000000..000001}}.tar'"))
     assert [u for u, _ in braced.shard_list("train")] == [str(tmp_path / f"train-00000{i}.tar") for i in (0, 1)]
     assert braced.has_split("val")                                            # val-*.tar found beside them
+
+
+@pytest.mark.parametrize("recipe", ["mae", "dino", "distill"])
+def test_a_dense_task_with_another_recipe_than_supervised_is_refused(recipe):
+    """Distillation reads class logits, MAE / DINO pretrain on images: none trains a detector or a segmenter; the
+    builder says to use recipe=supervised (and to fine-tune a pretrained backbone with weights=)."""
+    extra = ["recipe.teacher=/nonexistent/teacher.ckpt"] if recipe == "distill" else []
+    cfg = compose_train("task=detection", f"recipe={recipe}", *extra)
+    with pytest.raises(ValueError, match="use recipe=supervised"):
+        build_recipe(cfg, num_classes=3, in_chans=3, data_info={"task": "detection"})

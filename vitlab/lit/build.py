@@ -60,18 +60,14 @@ def source_info(source: Any) -> dict:
     return info
 
 
-# task constructor argument <- where its value comes from (only the arguments a task's signature names are passed)
-_TASK_WIRING = ("patch_size", "img_size", "class_names", "mean", "std", "ignore_index", "palette",
-                "pyramid_channels", "pyramid_strides")
-
-
 def _task_kwargs(task_cls: type, backbone: torch.nn.Module, img_size: Any, data_info: dict) -> dict:
+    """The values a task's constructor names (beyond in_dim and num_classes), from the backbone and the data."""
     params = inspect.signature(task_cls).parameters
     values = {"patch_size": getattr(backbone, "patch_size", None), "img_size": img_size,
               "pyramid_channels": getattr(backbone, "pyramid_channels", None),
               "pyramid_strides": getattr(backbone, "pyramid_strides", None),
               **{k: data_info.get(k) for k in ("class_names", "mean", "std", "ignore_index", "palette")}}
-    return {k: values[k] for k in _TASK_WIRING if k in params and values[k] is not None}
+    return {k: v for k, v in values.items() if k in params and v is not None}
 
 
 def check_task_fits_data(task_cls: type, data_task: str, data_name: str) -> None:
@@ -106,11 +102,12 @@ def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int, data_info: Op
         kwargs["teacher_factory"] = functools.partial(load_teacher, recipe_args["teacher"],
                                                       recipe_args.get("teacher_model"), num_classes, in_chans)
     recipe = instantiate(cfg.recipe, backbone=backbone, task=task, _convert_="all", **kwargs)
-    if getattr(task, "kind", "classification") != "classification" and not isinstance(recipe, Supervised):
-        if not recipe.pretraining:
-            raise ValueError(f"recipe={type(recipe).__name__.lower()} trains classifiers; a {task.kind} task trains "
-                             "with recipe=supervised (pretrain with recipe=mae/dino on images, then fine-tune it "
-                             "with weights=PATH)")
+    # the other recipes (distillation, MAE, SimMIM, DINO) read labels or images only: pretrain on images, then
+    # fine-tune the backbone for the dense task
+    if getattr(task, "kind", "classification") != "classification" and type(recipe) is not Supervised:
+        raise ValueError(f"recipe={type(recipe).__name__.lower()} does not train a {task.kind} task; use "
+                         f"recipe=supervised (pretrain with recipe=mae/dino on classification images, then fine-tune "
+                         "with task=" + task.kind + " weights=PATH)")
     if cfg.get("weights"):
         load_weights(recipe, cfg.weights)
     return recipe

@@ -207,8 +207,7 @@ class VitlabDataModule(pl.LightningDataModule):
             if self.dense:
                 from vitlab.data.dense import DenseDataset
 
-                tf = self.source.build_transform(split == "train", self.img_size, **self.augment)
-                self.datasets[split] = DenseDataset(base, tf)
+                self.datasets[split] = DenseDataset(base, self._transform(split == "train"))
             elif self.batched_augment:
                 self.datasets[split] = self._in_memory(base, split)
             else:
