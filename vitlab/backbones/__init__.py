@@ -1,5 +1,6 @@
 """Backbones and their factories: the targets of conf/backbone/*.yaml."""
 
+from vitlab.backbones.dit import DiT, dit
 from vitlab.backbones.timm_features import TimmFeatures, timm_backbone
 from vitlab.backbones.vit import (
     VARIANTS,
@@ -13,5 +14,5 @@ from vitlab.backbones.vit import (
     vit_tiny,
 )
 
-__all__ = ["TimmFeatures", "VARIANTS", "VisionTransformer", "timm_backbone", "vit", "vit_base", "vit_giant",
-           "vit_huge", "vit_large", "vit_small", "vit_tiny"]
+__all__ = ["DiT", "TimmFeatures", "VARIANTS", "VisionTransformer", "dit", "timm_backbone", "vit", "vit_base",
+           "vit_giant", "vit_huge", "vit_large", "vit_small", "vit_tiny"]

@@ -1,5 +1,6 @@
 """Leaf nn.Modules. Imports torch only."""
 
+from vitlab.layers.adaln import LabelEmbedder, TimestepEmbedder, modulate, timestep_embedding
 from vitlab.layers.attention import (
     BACKENDS,
     Backend,
@@ -25,18 +26,22 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "DropPath",
+    "LabelEmbedder",
     "LayerScale",
     "Mlp",
     "PatchEmbed",
     "RotaryEmbedding2D",
+    "TimestepEmbedder",
     "attention",
     "get_backend",
     "kernel_record",
     "linear_drop_path_rates",
+    "modulate",
     "resample_abs_pos_embed",
     "reset_kernel_record",
     "set_backend",
     "sincos_2d_pos_embed",
+    "timestep_embedding",
     "use_backend",
     "varlen_attention",
 ]
