@@ -5,7 +5,9 @@ Classification accuracy uses torchmetrics directly (see vitlab/heads/classificat
 """
 
 from vitlab.metrics.features import extract_features
+from vitlab.metrics.generative import GenerativeMetrics
 from vitlab.metrics.knn import knn_accuracy, knn_classify
 from vitlab.metrics.linear_probe import DEFAULT_LRS, LinearHeads, linear_probe
 
-__all__ = ["DEFAULT_LRS", "LinearHeads", "extract_features", "knn_accuracy", "knn_classify", "linear_probe"]
+__all__ = ["DEFAULT_LRS", "GenerativeMetrics", "LinearHeads", "extract_features", "knn_accuracy", "knn_classify",
+           "linear_probe"]
