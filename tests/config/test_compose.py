@@ -36,7 +36,8 @@ def test_train_defaults_cover_every_group():
 
 
 EXPERIMENT_DATA = {"vitlab.data.VOCDetection": SHARED_DATA / "bccd" / "BCCD",
-                   "vitlab.data.CamVid": SHARED_DATA / "camvid"}
+                   "vitlab.data.CamVid": SHARED_DATA / "camvid",
+                   "vitlab.data.MNIST": SHARED_DATA / "mnist"}
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -51,8 +52,14 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path, cifar_subset
     source = build_source(cfg)
     recipe = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source)).eval()
     x = torch.randn(2, source.in_chans, cfg.data.img_size, cfg.data.img_size)
-    out = recipe(x)
-    if source.task == "detection":          # detections per image
+    if getattr(recipe.task, "kind", "classification") != "diffusion":
+        out = recipe(x)
+    if getattr(recipe.task, "kind", "") == "diffusion":   # the denoiser's prediction (learned variance: 2C), samples
+        out = recipe.backbone(x, torch.tensor([10.0, 500.0]), torch.tensor([0, 1]))
+        assert out.shape == (2, source.in_chans * (2 if recipe.task.learn_sigma else 1), *x.shape[2:])
+        samples = recipe.task.generate(recipe.backbone, torch.tensor([0, 1]), seeds=[0, 1], steps=2)
+        assert samples.shape == x.shape and samples.min() >= 0 and samples.max() <= 1
+    elif source.task == "detection":        # detections per image
         assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])
     elif source.task == "segmentation":     # logits per pixel
         assert out.shape == (2, source.num_classes, cfg.data.img_size, cfg.data.img_size)
@@ -66,13 +73,16 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path, cifar_subset
 
 @pytest.mark.parametrize("option", options("backbone"))
 def test_every_backbone_option_instantiates(option):
-    cfg = compose_train(f"backbone={option}", "data.img_size=224")
+    denoiser = option.startswith("dit")          # a DiT denoises for task=diffusion (pixels, 32 px, 10 classes here)
+    cfg = compose_train(f"backbone={option}", *(["task=diffusion", "data.img_size=32"] if denoiser
+                                                 else ["data.img_size=224"]))
     with torch.device("meta"):                   # counts and shapes without allocating ViT-H
-        recipe = build_recipe(cfg, num_classes=1000, in_chans=3)
+        recipe = build_recipe(cfg, num_classes=10 if denoiser else 1000, in_chans=3)
     n = sum(p.numel() for p in recipe.parameters())
     expected = {"vit_tiny": 5.7, "deit_tiny": 5.7, "vit_small": 22.1, "deit_small": 22.1, "vit_base": 86.6,
                 "deit_base": 86.6, "vit": 22.1, "vit_large": 304.3, "vit_huge": 632.0,
-                "vit_giant": 1012.6, "vitdet": 86.6, "timm_pyramid": 3.7}[option]
+                "vit_giant": 1012.6, "vitdet": 86.6, "timm_pyramid": 3.7,
+                "dit": 32.5, "dit_tiny": 8.2}[option]     # DiT-S/2, DiT-Ti/4 (learned variance: 6 output channels)
     assert round(n / 1e6, 1) == expected
 
 
@@ -82,8 +92,9 @@ def test_every_model_group_option_instantiates(group):
         # distillation needs a teacher path; it is only read on the first training step
         extra = ["recipe.teacher=/nonexistent/teacher.ckpt"] if (group, option) == ("recipe", "distill") else []
         cfg = compose_train(f"{group}={option}", *extra)
-        # a dense task trains on dense data (the builder checks that the data's task matches)
-        data_info = {"task": option} if group == "task" else None
+        # a dense task trains on dense data (the builder checks that the data's task matches); diffusion on labelled
+        # images
+        data_info = {"task": option} if group == "task" and option != "diffusion" else None
         recipe = build_recipe(cfg, num_classes=10, in_chans=1, data_info=data_info)
         opt = instantiate(cfg.optim, lr=1e-3, _convert_="all")(recipe)
         if group == "sched" or cfg.get("sched"):

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.callbacks.progress import ProgressBar
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,11 +74,30 @@ def _task_kwargs(task_cls: type, backbone: torch.nn.Module, img_size: Any, data_
 def check_task_fits_data(task_cls: type, data_task: str, data_name: str) -> None:
     """``task=detection data=cifar10`` (or the reverse) stops before any work, naming the fix."""
     kind = getattr(task_cls, "kind", "classification")
-    if kind != data_task:
+    if getattr(task_cls, "data_kind", kind) != data_task:
         raise ValueError(f"task={kind} cannot train on the {data_name} data, a {data_task} dataset: use "
                          f"task={data_task} with this data, or a {kind} dataset ("
                          + {"classification": "data=cifar10, imagefolder, ...", "detection": "data=voc or data=coco",
-                            "segmentation": "data=camvid, ade20k or segfolder"}.get(kind, "?") + ")")
+                            "segmentation": "data=camvid, ade20k or segfolder",
+                            "diffusion": "labelled images: data=mnist, cifar10, imagefolder, ..."}.get(kind, "?") + ")")
+
+
+def _denoiser_needed(cfg: DictConfig) -> str:
+    name = str(cfg.backbone.get("_target_", "?")).rsplit(".", 1)[-1]
+    return (f"task=diffusion needs a denoiser backbone (conditioned on the timestep and the class), not {name}: use "
+            "backbone=dit or dit_tiny (or drop backbone=..., task=diffusion picks dit_tiny)")
+
+
+def check_backbone_fits_task(backbone: torch.nn.Module, task_cls: type, cfg: DictConfig) -> None:
+    """A denoiser (DiT) trains only with task=diffusion, and task=diffusion only with a denoiser."""
+    denoiser = getattr(backbone, "kind", None) == "denoiser"
+    diffusion = getattr(task_cls, "kind", None) == "diffusion"
+    name = str(cfg.backbone.get("_target_", "?")).rsplit(".", 1)[-1]
+    if diffusion and not denoiser:
+        raise ValueError(_denoiser_needed(cfg))
+    if denoiser and not diffusion:
+        raise ValueError(f"backbone={name} is a diffusion denoiser: train it with task=diffusion, or use an image "
+                         "encoder (backbone=vit_tiny, vit_small, ...) for this task")
 
 
 def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int, data_info: Optional[dict] = None) -> Recipe:
@@ -93,9 +113,22 @@ def build_recipe(cfg: DictConfig, num_classes: int, in_chans: int, data_info: Op
         if hasattr(recipe_cls, "backbone_options") else {}
     if hasattr(task_cls, "backbone_options"):
         extra.update(task_cls.backbone_options(**{k: v for k, v in task_args.items() if not k.startswith("_")}))
-    backbone = instantiate(cfg.backbone, img_size=cfg.data.img_size, in_chans=in_chans, _convert_="all", **extra)
-    task = instantiate(cfg.task, in_dim=backbone.embed_dim, num_classes=num_classes, _convert_="all",
-                       **_task_kwargs(task_cls, backbone, cfg.data.img_size, data_info))
+    geometry = {"img_size": cfg.data.img_size, "in_chans": in_chans}
+    if hasattr(task_cls, "denoiser_options"):       # diffusion: the latent geometry, the classes, the output channels
+        geometry = task_cls.denoiser_options(cfg.data.img_size, in_chans, num_classes,
+                                             **{k: v for k, v in task_args.items() if not k.startswith("_")})
+    try:
+        backbone = instantiate(cfg.backbone, _convert_="all", **geometry, **extra)
+    except InstantiationException as e:        # an image encoder handed a denoiser's arguments (num_classes, ...)
+        if getattr(task_cls, "kind", None) == "diffusion" and "unexpected keyword" in str(e.__cause__ or e):
+            raise ValueError(_denoiser_needed(cfg)) from e
+        raise
+    check_backbone_fits_task(backbone, task_cls, cfg)
+    task_kwargs = _task_kwargs(task_cls, backbone, cfg.data.img_size, data_info)
+    if task_args.get("classifier") and "classifier_factory" in inspect.signature(task_cls).parameters:
+        # loaded lazily, on the first sample evaluation: building the task (or loading a checkpoint) never needs it
+        task_kwargs["classifier_factory"] = functools.partial(load_judge, task_args["classifier"], num_classes)
+    task = instantiate(cfg.task, in_dim=backbone.embed_dim, num_classes=num_classes, _convert_="all", **task_kwargs)
     kwargs = {}
     if "teacher_factory" in inspect.signature(recipe_cls).parameters and recipe_args.get("teacher"):
         # loaded lazily by the recipe, on its first training step: evaluating a distilled student never needs it
@@ -218,6 +251,56 @@ def load_teacher(path: str, teacher_model: Optional[str], num_classes: int, in_c
     return load_timm_teacher(path, teacher_model, num_classes, in_chans)
 
 
+class SampleJudge:
+    """A trained vitlab classifier as the judge of generated samples: images in [0, 1] (B, C, H, W) -> logits, or
+    -> its pooled features (FID / KID in its feature space). Samples are resized to the classifier's input size,
+    given its channel count (grey <-> RGB) and normalised with its data's statistics."""
+
+    def __init__(self, recipe: torch.nn.Module, img_size: int, mean: list, std: list):
+        self.recipe = recipe.eval().requires_grad_(False)
+        self.img_size = int(img_size)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        self.recipe.to(images.device)
+        x = images.float()
+        c = self.mean.shape[1]
+        if x.shape[1] != c:                  # grey samples for an RGB classifier, or the reverse
+            x = x.expand(-1, c, -1, -1) if x.shape[1] == 1 else x.mean(dim=1, keepdim=True)
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.recipe(self._prepare(images))
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.recipe.features(self._prepare(images))
+
+
+def load_judge(path: str, num_classes: int) -> SampleJudge:
+    """``task.classifier=PATH``: the vitlab classifier checkpoint (its EMA weights when it kept them) that scores
+    generated samples; it must predict the same classes as the diffusion data."""
+    if not is_vitlab_checkpoint(path):
+        raise FileNotFoundError(f"task.classifier={path} is not a vitlab checkpoint; train a classifier on the same "
+                                "data first (e.g. vitlab-train experiment=vit_mnist) and give its "
+                                "checkpoints/best.ckpt")
+    module = load_checkpoint(path)
+    info = module.data_info
+    if info.get("task", "classification") != "classification" or module.eval_recipe().pretraining:
+        raise ValueError(f"task.classifier={path} is not a trained classifier (a {info.get('task')} / pretraining "
+                         "checkpoint); give a classification checkpoint")
+    if info.get("num_classes") != num_classes:
+        raise ValueError(f"the classifier {path} predicts {info.get('num_classes')} classes but this data has "
+                         f"{num_classes}; judge samples with a classifier trained on the same classes")
+    img_size = OmegaConf.create(module.config).data.img_size
+    log.info("sample judge: %s (%d classes, %s px)", path, num_classes, img_size)
+    return SampleJudge(module.eval_recipe(), img_size, info["mean"], info["std"])
+
+
 def apply_model_options(recipe: Recipe, options: Optional[DictConfig]) -> list[str]:
     """The run-time knobs of ``cfg.model`` (they change speed and memory, never the maths): activation
     checkpointing per block, then ``torch.compile`` of the backbone. Returns what was done, for the log.
@@ -308,9 +391,22 @@ def build_datamodule(cfg: DictConfig, source: ClassificationSource, recipe: Opti
     mixup = OmegaConf.to_container(d.mixup, resolve=True) if d.get("mixup") else None
     train_transform = recipe.train_transform(d.img_size, source.mean, source.std, source.in_chans) \
         if recipe is not None else None
-    if train_transform is not None:
+    mixing = bool(mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")))
+    task_transform = getattr(getattr(recipe, "task", None), "train_transform", None)
+    if train_transform is None and task_transform is not None:
+        # diffusion: DiT's resize + centre crop + the data's flip, whatever data.augment says otherwise
+        train_transform = task_transform(d.img_size, source.mean, source.std,
+                                         augment=OmegaConf.to_container(d.augment, resolve=True))
+        log.info("data: the %s task's own training transform replaces data.augment (flip: data.augment.hflip)",
+                 recipe.task.kind)
+        if mixing:
+            from vitlab.data.base import DataConfigError
+
+            raise DataConfigError(f"task={recipe.task.kind} learns the images themselves; mixup / cutmix would make "
+                                  "it learn blends: set data.mixup.mixup_alpha=0 and data.mixup.cutmix_alpha=0")
+    elif train_transform is not None:
         log.info("data: the %s recipe's own training transform replaces data.augment", type(recipe).__name__)
-        if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
+        if mixing:
             from vitlab.data.base import DataConfigError
 
             raise DataConfigError(f"recipe {type(recipe).__name__} brings its own multi-view transform; mixup / "
@@ -333,13 +429,23 @@ def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: Clas
 
 
 def _ema_options(cfg: DictConfig) -> Optional[dict]:
+    """The ``ema:`` block; ``enabled: auto`` / ``warmup: auto`` follow the task (on, with timm's warm-up, for
+    task=diffusion, which samples with EMA weights as DiT does; off for the others)."""
     ema = cfg.get("ema")
-    if not ema or not ema.get("enabled"):
+    if not ema:
+        return None
+    ema = OmegaConf.to_container(ema, resolve=True)
+    task_default = bool(getattr(get_class(cfg.task._target_), "ema_default", False))
+    if ema.get("enabled") == "auto":
+        ema["enabled"] = task_default
+    if ema.get("warmup") == "auto":
+        ema["warmup"] = task_default
+    if not ema.get("enabled"):
         return None
     if cfg.trainer.get("strategy") == "fsdp" or "fsdp" in str(cfg.trainer.get("strategy", "")).lower():
         raise ValueError("ema.enabled=true is not supported with trainer=fsdp yet (the EMA copy is not sharded); "
                          "use trainer=ddp, or turn the EMA off")
-    return OmegaConf.to_container(ema, resolve=True)
+    return ema
 
 
 def _loggers(cfg: DictConfig, wandb_run_id: Optional[str]) -> list:
@@ -395,7 +501,7 @@ def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str]
             callbacks.append(cb)
     if cfg.get("checkpoint_every_n_steps"):
         # mid-epoch last.ckpt: the train loader's position is in it, so a resume continues the epoch
-        from pytorch_lightning.callbacks import ModelCheckpoint
+        from vitlab.lit.callbacks import ModelCheckpoint
 
         callbacks.append(ModelCheckpoint(dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), save_top_k=0,
                                          save_last=True, every_n_train_steps=int(cfg.checkpoint_every_n_steps),
@@ -435,6 +541,11 @@ def build_run(cfg: DictConfig) -> Run:
     if teacher and not Path(str(teacher)).is_file():      # read on the first step: check it before any work
         raise FileNotFoundError(f"recipe.teacher={teacher} does not exist; give a vitlab checkpoint (a run's "
                                 "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
+    judge = cfg.task.get("classifier")
+    if judge and not is_vitlab_checkpoint(str(judge)):     # read at the first validation: check it before any work
+        raise FileNotFoundError(f"task.classifier={judge} is not a vitlab checkpoint (missing or another format); "
+                                "train a classifier on the same data first (e.g. vitlab-train experiment=vit_mnist) "
+                                "and give its checkpoints/best.ckpt, or set task.classifier=null")
     recipe = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source))
     derived = derive(cfg, recipe)
     module = build_module(cfg, recipe, derived, source)        # before compile: the EMA copies the eager recipe

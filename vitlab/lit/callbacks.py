@@ -251,6 +251,91 @@ class SaveVisuals(pl.Callback):
             log.info("saved %s", path)
 
 
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` written at every save point.
+
+    Since Lightning 2.5 the stock callback writes ``last.ckpt`` at the end of validation (or of a training epoch)
+    only when a top-k checkpoint was written at the same step: once the monitored metric stops improving,
+    ``last.ckpt`` stays at the best epoch and a resume silently goes back in time. Here it follows every
+    validation, as its name says."""
+
+    def _last_due(self, trainer) -> bool:
+        return bool(self.save_last) and not self._should_skip_saving_checkpoint(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = self._last_due(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if due and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        due = self._last_due(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if due and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class SampleGrid(pl.Callback):
+    """Sample grids of a diffusion task (task=diffusion; inactive for other tasks): one row per class (the first
+    ``max_classes``), ``per_class`` samples each, from the evaluated weights (the EMA copy) with the task's sampler
+    and guidance, every ``every_n_steps`` optimizer steps and when training ends, as
+    ``<output_dir>/step_NNNNNNN.png``. The noise is fixed (``seed``), so grids of successive steps show the same
+    samples improving. Rank 0 draws; the other ranks go on (sampling runs no collective operation)."""
+
+    def __init__(self, output_dir: str, every_n_steps: int = 1000, per_class: int = 8, max_classes: int = 10,
+                 seed: int = 0):
+        if int(every_n_steps) < 0 or int(per_class) < 1 or int(max_classes) < 1:
+            raise ValueError("diffusion_samples: every_n_steps >= 0 (0: only at the end), per_class >= 1 and "
+                             "max_classes >= 1")
+        self.output_dir = Path(output_dir)
+        self.every_n_steps, self.per_class, self.max_classes = int(every_n_steps), int(per_class), int(max_classes)
+        self.seed = int(seed)
+        self._last_step = -1
+
+    @staticmethod
+    def _task(pl_module) -> Any:
+        recipe = pl_module.eval_recipe() if hasattr(pl_module, "eval_recipe") else pl_module.recipe
+        task = getattr(recipe, "task", None)
+        return recipe, task if getattr(task, "kind", None) == "diffusion" else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.draw(trainer, pl_module)
+
+    def draw(self, trainer, pl_module) -> Optional[Path]:
+        self._last_step = trainer.global_step
+        recipe, task = self._task(pl_module)
+        if task is None or not trainer.is_global_zero:
+            return None
+        path = self.output_dir / f"step_{trainer.global_step:07d}.png"
+        save_sample_grid(task, recipe.backbone, path, per_class=self.per_class, max_classes=self.max_classes,
+                         seed=self.seed, device=pl_module.device)
+        log.info("saved %s", path)
+        return path
+
+
+def save_sample_grid(task: Any, backbone: torch.nn.Module, path: Path, per_class: int = 8, max_classes: int = 10,
+                     seed: int = 0, device: Optional[torch.device] = None, **options: Any) -> torch.Tensor:
+    """Draw ``per_class`` samples for each of the first ``max_classes`` classes (sample seeds seed, seed + 1, ...)
+    and save them as a PNG grid, a row per class; returns the samples (n, C, H, W) in [0, 1]. ``options`` go to
+    ``task.generate`` (sampler, steps, guidance)."""
+    classes = min(max_classes, task.num_classes)
+    labels = torch.arange(classes).repeat_interleave(per_class).to(device or "cpu")
+    training = backbone.training
+    backbone.eval()                     # no drop-path / dropout while sampling
+    try:
+        samples = task.generate(backbone, labels, seeds=[seed + i for i in range(len(labels))], **options)
+    finally:
+        backbone.train(training)
+    save_image_rows(list(samples.cpu().split(per_class)), path)
+    return samples
+
+
 def save_image_rows(rows: Sequence[torch.Tensor], path: Path, mean: Optional[Sequence[float]] = None,
                     std: Optional[Sequence[float]] = None) -> None:
     """Rows of images (n, C, H, W) in normalised space -> one PNG grid (a row per entry), written atomically.
