@@ -189,3 +189,22 @@ def test_tiny_model_overfits_four_images(objective, schedule, steps, lr):
     dist = ((samples[:, None] - images01[None]) ** 2).mean(dim=(2, 3, 4))    # (4 samples, 4 images)
     assert torch.equal(dist.argmin(dim=1), labels), dist
     assert dist.diagonal().max() < 0.05, dist
+
+
+def test_no_samples_are_drawn_when_nothing_scores_them():
+    t = task(objective="flow", eval_samples=100)                       # no classifier, no FID
+    out = t.evaluation_step(tiny_dit(), {"image": normalised(torch.rand(4, 1, 8, 8)), "label": torch.arange(4)})
+    assert "preds" not in out and "loss" in out
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_a_bf16_model_trains_and_samples(objective):
+    """bf16-true training: the objectives keep float32 schedules; the DiT runs in its weights' dtype."""
+    t = task(objective=objective, sample_steps=2)
+    model = tiny_dit(learn_sigma=t.learn_sigma).to(torch.bfloat16)
+    batch = {"image": normalised(torch.rand(4, 1, 8, 8)).to(torch.bfloat16), "label": torch.arange(4)}
+    loss = t.training_step(model, batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.final_layer.linear.weight.grad is not None
+    samples = t.generate(model, torch.arange(4), seeds=[0, 1, 2, 3])
+    assert samples.dtype == torch.float32 and samples.shape == (4, 1, 8, 8)

@@ -191,3 +191,23 @@ def test_wandb_offline_run_never_prompts(tmp_path):
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{info['run_id']}"))
     assert len(runs) == 1, sorted(p.name for p in (tmp_path / "wandb").iterdir())
     assert any(p.suffix == ".wandb" and p.stat().st_size > 0 for p in runs[0].iterdir())
+
+
+# --------------------------------------------------------------------- EMA ---
+
+@pytest.mark.parametrize("task, enabled, warmup, expected", [
+    ("vitlab.heads.ClassificationTask", "auto", "auto", None),                    # classification: off
+    ("vitlab.heads.DiffusionTask", "auto", "auto", {"warmup": True}),           # diffusion samples with EMA weights
+    ("vitlab.heads.DiffusionTask", False, "auto", None),                         # the user turns it off
+    ("vitlab.heads.ClassificationTask", True, "auto", {"warmup": False}),        # on by hand: warm-up as before
+    ("vitlab.heads.DiffusionTask", "auto", False, {"warmup": False}),
+])
+def test_ema_auto_follows_the_task(task, enabled, warmup, expected):
+    cfg = OmegaConf.create({"task": {"_target_": task}, "trainer": {"strategy": "auto"},
+                            "ema": {"enabled": enabled, "decay": 0.999, "warmup": warmup, "update_every": 1,
+                                    "evaluate": True}})
+    got = build._ema_options(cfg)
+    if expected is None:
+        assert got is None
+    else:
+        assert got["enabled"] is True and got["warmup"] is expected["warmup"] and got["decay"] == 0.999

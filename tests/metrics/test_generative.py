@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vitlab.metrics import GenerativeMetrics
-from vitlab.metrics.generative import MissingInceptionWeightsError, NotEnoughSamplesError
+from vitlab.metrics.generative import MissingInceptionWeightsError, NotEnoughSamplesError, check_fid_setup
 
 
 def _images_of_class(classes: list[int], size: int = 8) -> torch.Tensor:
@@ -134,14 +134,20 @@ def test_config_errors_name_the_fix():
 def test_missing_inception_weights_name_the_url_and_the_config_key(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))        # an empty hub cache: offline machine
     with pytest.raises(MissingInceptionWeightsError) as err:
-        GenerativeMetrics(3, fid={"features": "inception"})
+        check_fid_setup({"features": "inception"})                           # vitlab-train's check before training
     msg = str(err.value)
     assert "task.fid.inception_weights" in msg
     assert "https://github.com/toshas/torch-fidelity/releases/download/" in msg
     assert str(tmp_path / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in msg
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(MissingInceptionWeightsError, match="points at a missing file"):
-        GenerativeMetrics(3, fid={"features": "inception", "inception_weights": str(tmp_path / "nope.pth")})
+        check_fid_setup({"features": "inception", "inception_weights": str(tmp_path / "nope.pth")})
+    # building the metrics (as loading a checkpoint to sample from it does) never needs the weights; the first
+    # update does
+    m = GenerativeMetrics(3, fid={"features": "inception", "inception_weights": str(tmp_path / "nope.pth")})
+    with pytest.raises(MissingInceptionWeightsError, match="points at a missing file"):
+        m.update({"samples": torch.rand(2, 3, 8, 8), "real": None}, None)
+    assert check_fid_setup({"features": "classifier"}) is None and check_fid_setup(None) is None
 
 
 def test_missing_torch_fidelity_names_the_pip_command(monkeypatch, tmp_path):
@@ -149,7 +155,7 @@ def test_missing_torch_fidelity_names_the_pip_command(monkeypatch, tmp_path):
     weights.write_bytes(b"")                                                  # the weights are there; the package not
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)                 # `import torch_fidelity` fails
     with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
-        GenerativeMetrics(3, fid={"features": "inception", "inception_weights": str(weights)})
+        check_fid_setup({"features": "inception", "inception_weights": str(weights)})
 
 
 def test_inception_weights_path_is_loaded_and_grey_images_are_fed_as_rgb(monkeypatch, tmp_path):
@@ -163,9 +169,9 @@ def test_inception_weights_path_is_loaded_and_grey_images_are_fed_as_rgb(monkeyp
     torch.save({"marker": torch.tensor(7)}, weights)
     m = GenerativeMetrics(3, fid={"features": "inception", "inception_weights": str(weights),
                                   "kid_subset_size": 2})
-    assert len(loaded) == 1 and loaded[0]["marker"].item() == 7               # our file, not a download
     grey = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
-    feats = m._features(grey)
+    feats = m._features(grey)                                                 # built on first use
+    assert len(loaded) == 1 and loaded[0]["marker"].item() == 7               # our file, not a download
     assert feats.shape == (2, 2048) and feats.dtype == torch.float32
     torch.testing.assert_close(feats, m._features(grey.expand(-1, 3, -1, -1)))   # 1 channel == repeated to 3
     m.update({"samples": grey, "real": None}, None)

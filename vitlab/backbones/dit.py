@@ -249,6 +249,9 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects x of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}: check "
                              "in_chans against the data (or the latent autoencoder's channels)")
         B = x.shape[0]
+        # the objectives keep their schedule in float32 (x_t and the sampler's state are float32): run in the
+        # weights' dtype (bf16-true training, a .half() model); the objective reads the output in float32 again
+        x = x.to(self.x_embedder.proj.weight.dtype)
         tokens, grid = self.x_embedder(x)                                   # (B, N, D)
         h = tokens + self._pos(grid, tokens)
         c = self.condition(t, y, B)                                         # (B, D)

@@ -247,7 +247,7 @@ class DiffusionTask(DenseTask):
         rank, world = _rank_world()
         budget = math.ceil(self.eval_samples / world)
         k = min(batch["image"].shape[0], budget - self._eval_generated)
-        if k > 0 and self.num_classes > 0:
+        if k > 0 and self.num_classes > 0 and (self._classifier is not None or self.fid):   # else nobody reads them
             index = rank + world * (self._eval_generated + torch.arange(k))          # global sample numbers
             labels = index % self.num_classes
             samples = self.generate(backbone, labels.to(x.device), seeds=index.tolist())

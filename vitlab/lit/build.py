@@ -290,9 +290,11 @@ def load_judge(path: str, num_classes: int) -> SampleJudge:
                                 "checkpoints/best.ckpt")
     module = load_checkpoint(path)
     info = module.data_info
-    if info.get("task", "classification") != "classification" or module.eval_recipe().pretraining:
-        raise ValueError(f"task.classifier={path} is not a trained classifier (a {info.get('task')} / pretraining "
-                         "checkpoint); give a classification checkpoint")
+    kind = getattr(module.eval_recipe().task, "kind", "classification")       # the model's task, not the data's
+    if kind != "classification" or info.get("task", "classification") != "classification" \
+            or module.eval_recipe().pretraining:
+        raise ValueError(f"task.classifier={path} is not a trained classifier (a {kind} / pretraining checkpoint); "
+                         "give a classification checkpoint trained on the same data")
     if info.get("num_classes") != num_classes:
         raise ValueError(f"the classifier {path} predicts {info.get('num_classes')} classes but this data has "
                          f"{num_classes}; judge samples with a classifier trained on the same classes")
@@ -501,7 +503,7 @@ def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str]
             callbacks.append(cb)
     if cfg.get("checkpoint_every_n_steps"):
         # mid-epoch last.ckpt: the train loader's position is in it, so a resume continues the epoch
-        from vitlab.lit.callbacks import ModelCheckpoint
+        from pytorch_lightning.callbacks import ModelCheckpoint     # the stock one: writes only every N steps
 
         callbacks.append(ModelCheckpoint(dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), save_top_k=0,
                                          save_last=True, every_n_train_steps=int(cfg.checkpoint_every_n_steps),
@@ -546,6 +548,10 @@ def build_run(cfg: DictConfig) -> Run:
         raise FileNotFoundError(f"task.classifier={judge} is not a vitlab checkpoint (missing or another format); "
                                 "train a classifier on the same data first (e.g. vitlab-train experiment=vit_mnist) "
                                 "and give its checkpoints/best.ckpt, or set task.classifier=null")
+    if cfg.task.get("fid"):                                 # FID / KID with Inception features: weights present?
+        from vitlab.metrics.generative import check_fid_setup
+
+        check_fid_setup(OmegaConf.to_container(cfg.task.fid, resolve=True))
     recipe = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source))
     derived = derive(cfg, recipe)
     module = build_module(cfg, recipe, derived, source)        # before compile: the EMA copies the eager recipe
@@ -558,7 +564,7 @@ def build_run(cfg: DictConfig) -> Run:
                                     "checkpoints/last.ckpt to resume")
         wandb_id = _checkpoint_meta(cfg.ckpt_path).get("wandb_run_id")
     trainer = build_trainer(cfg, derived, wandb_id, monitor=(recipe.monitor, recipe.monitor_mode),
-                            dense=getattr(recipe.task, "kind", "classification") != "classification")
+                            dense=getattr(recipe.task, "kind", "classification") in ("detection", "segmentation"))
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             module.wandb_run_id = lg.version

@@ -312,6 +312,13 @@ class SampleGrid(pl.Callback):
         recipe, task = self._task(pl_module)
         if task is None or not trainer.is_global_zero:
             return None
+        if getattr(trainer.strategy, "shard", None) is not None and recipe is pl_module.recipe:
+            # a sharded model's forward is collective: rank 0 alone would wait forever for the others
+            if not getattr(self, "_warned", False):
+                log.warning("diffusion_samples: no grids under trainer=fsdp (the model is sharded); draw them from "
+                            "a checkpoint with vitlab-sample")
+                self._warned = True
+            return None
         path = self.output_dir / f"step_{trainer.global_step:07d}.png"
         save_sample_grid(task, recipe.backbone, path, per_class=self.per_class, max_classes=self.max_classes,
                          seed=self.seed, device=pl_module.device)

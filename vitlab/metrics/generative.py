@@ -57,6 +57,16 @@ def _inception_url() -> str:
         return INCEPTION_URL
 
 
+def check_fid_setup(fid: Optional[dict]) -> Optional[Path]:
+    """Before any work: FID / KID with Inception features need torch-fidelity and the weights file; returns the
+    weights' path (None for other features or no FID). Raises the errors of :func:`resolve_inception_weights`."""
+    if not fid or fid.get("features", "inception") != "inception":
+        return None
+    weights = resolve_inception_weights(fid.get("inception_weights"))
+    _require_torch_fidelity()
+    return weights
+
+
 def resolve_inception_weights(inception_weights: Optional[str] = None) -> Path:
     """The Inception-v3 weights file FID will load, checked to exist; never downloads.
 
@@ -111,6 +121,24 @@ class _Frozen:
         # full precision: FID's covariances are ill-conditioned in bf16 (torchmetrics also recommends float64 states)
         with torch.autocast(x.device.type, enabled=False):
             return self.fn(x)
+
+
+class _LazyInception:
+    """Builds the Inception feature network on its first call (the weights are resolved then, not when a task is
+    built), then behaves as :class:`_Frozen` around it; shared by ``copy.deepcopy``."""
+
+    def __init__(self, inception_weights: Optional[str]):
+        self.inception_weights = inception_weights
+        self.frozen: Optional[_Frozen] = None
+
+    def __deepcopy__(self, memo: dict) -> "_LazyInception":
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.frozen is None:
+            weights = check_fid_setup({"features": "inception", "inception_weights": self.inception_weights})
+            self.frozen = _Frozen(_InceptionFeatures(weights))
+        return self.frozen(x)
 
 
 class _InceptionFeatures(nn.Module):
@@ -245,9 +273,9 @@ class GenerativeMetrics(nn.Module):
                 raise ValueError(f"task.fid.kid_subset_size must be >= 2 and kid_subsets >= 1, got "
                                  f"{self.kid_subset_size} and {self.kid_subsets}")
             if features == "inception":
-                weights = resolve_inception_weights(fid.get("inception_weights"))
-                _require_torch_fidelity()
-                self._features = _Frozen(_InceptionFeatures(weights))
+                # resolved at the first update: loading a checkpoint to sample from it never needs the weights
+                # (vitlab-train checks them before training with check_fid_setup)
+                self._features = _LazyInception(fid.get("inception_weights"))
                 self._build_distances(INCEPTION_FEATURES)
             else:
                 if classifier_features is None:
