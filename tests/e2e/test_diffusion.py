@@ -73,6 +73,7 @@ def test_mnist_run_writes_grids_metrics_and_ema(mnist_run):
     per_class = [k for k in metrics if k.startswith("val/sample_acc_")]
     assert len(per_class) == 10                                                    # 12 balanced samples: all 10
     assert "val/best_sample_acc" in metrics                                        # best.ckpt follows the judge
+    assert (mnist_run / "curves.png").is_file()
     steps = sorted(p.name for p in (mnist_run / "samples").glob("step_*.png"))
     assert steps == ["step_0000002.png", "step_0000004.png", "step_0000006.png"]   # every 2 steps + the end (6)
     with Image.open(mnist_run / "samples" / "step_0000006.png") as im:

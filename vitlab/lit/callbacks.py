@@ -202,7 +202,8 @@ class RunArtifacts(pl.Callback):
         for key, style, label in (("val/top1", "o-", "val top-1"), ("val/top5", "s--", "val top-5"),
                                   ("val/knn_top1", "^-", "val kNN top-1"), ("val/map", "o-", "val mAP"),
                                   ("val/map_50", "s--", "val mAP@0.5"), ("val/miou", "o-", "val mIoU"),
-                                  ("val/pixel_acc", "s--", "val pixel accuracy")):
+                                  ("val/pixel_acc", "s--", "val pixel accuracy"),
+                                  ("val/sample_acc", "o-", "val samples' accuracy (judge)")):
             acc = [e for e in self.epochs if key in e]
             if acc:
                 axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e[key] for e in acc], style, label=label,
