@@ -29,8 +29,8 @@ CIFAR_JPG = SHARED_DATA / "cifar10-jpg" / "cifar10-train.tar.gz"
 TINY = ["task=diffusion", "backbone.embed_dim=48", "backbone.depth=2", "trainer.max_epochs=2",
         "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "data.batch_size=8", "data.eval_batch_size=8",
         "data.num_workers=0", "trainer.enable_progress_bar=false", "run_test=false", "task.sample_steps=3",
-        "task.eval_samples=12", "callbacks.diffusion_samples.every_n_steps=2", "callbacks.diffusion_samples.per_class=2",
-        "callbacks.diffusion_samples.max_classes=3"]
+        "task.eval_samples=12", "callbacks.diffusion_samples.every_n_steps=2",
+        "callbacks.diffusion_samples.per_class=2", "callbacks.diffusion_samples.max_classes=3"]
 
 
 def needs(path: Path) -> None:
@@ -104,6 +104,17 @@ def test_checkpoint_evaluates_to_the_same_validation_numbers(mnist_run, tmp_path
     got = json.loads(out.read_text())
     for key in ("val/loss", "val/sample_acc", "val/sample_acc_3"):                  # fixed noise, same samples
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_vitlab_load_samples_and_knn_is_refused(mnist_run, tmp_path):
+    import vitlab
+
+    model = vitlab.load(str(mnist_run / "checkpoints" / "last.ckpt"))
+    images = model(torch.tensor([3, 7]))                                    # one sample per label
+    assert images.shape == (2, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    torch.testing.assert_close(model(torch.tensor([3])), images[:1])      # sample i comes from seed i
+    p = run_cli("vitlab.cli.eval", f"ckpt={mnist_run / 'checkpoints' / 'last.ckpt'}", "protocol=knn")
+    assert p.returncode == 2 and "diffusion denoiser" in p.stderr, p.stderr[-2000:]
 
 
 def test_vitlab_sample_scores_samples_per_class(mnist_run, judge, tmp_path):

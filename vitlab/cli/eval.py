@@ -143,6 +143,9 @@ def evaluate(cfg: DictConfig) -> dict:
         fail(f"checkpoint not found: {cfg.ckpt}. Give ckpt=PATH to a vitlab .ckpt file "
              "(a run writes checkpoints/last.ckpt and checkpoints/best.ckpt).")
     module = load_checkpoint(cfg.ckpt)
+    if cfg.protocol != "classifier" and getattr(module.recipe.task, "kind", "") == "diffusion":
+        fail(f"protocol={cfg.protocol} reads an image encoder's features; {cfg.ckpt} is a diffusion denoiser: use "
+             "protocol=classifier (its validation loss and sample metrics) or vitlab-sample")
     run_cfg = OmegaConf.create(module.config)
     if cfg.get("data") is not None:
         data = OmegaConf.merge(cfg.data, {"img_size": run_cfg.data.img_size})
