@@ -72,6 +72,9 @@ def _compose_without(config_name: str, overrides: Sequence[str], bad_key: str) -
         return None
 
 
+_SWEEP_VALUE = re.compile(r"^\s*(choice|range|interval|tag|glob)\(|,")
+
+
 def validate_command_line(config_name: str, argv: Sequence[str]) -> None:
     """Compose the config from the command line once, before Hydra runs the job.
 
@@ -81,6 +84,10 @@ def validate_command_line(config_name: str, argv: Sequence[str]) -> None:
     if any(a.startswith("-") for a in argv):
         return
     overrides = [a for a in argv if not a.startswith("hydra.") and not a.startswith("hydra/")]
+    if any(a.startswith("hparams_search=") for a in overrides):
+        # an Optuna sweep (hydra.mode=MULTIRUN from its config): search-space values such as choice(...) or
+        # interval(...) are the sweeper's to parse; the other overrides are checked here as usual
+        overrides = [a for a in overrides if not _SWEEP_VALUE.search(a.partition("=")[2])]
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
