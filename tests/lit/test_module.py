@@ -76,8 +76,8 @@ def test_the_first_non_finite_loss_is_kept_on_the_device_until_checked():
     m.check_loss("here")                                              # all finite: nothing to report
     m._note_non_finite(torch.tensor(float("inf")))
     m._note_non_finite(torch.tensor(float("nan")))                    # later bad values do not overwrite the first
-    step, epoch, value = m._bad_loss
-    assert (step.item(), epoch.item(), value.item()) == (0, 0, float("inf"))
+    rec = m._nonfinite.loss
+    assert rec.device == torch.device("cpu") and (rec[0].item(), rec[1].item()) == (0, 0)
     with pytest.raises(FloatingPointError, match=r"the training loss is inf at step 0 \(epoch 0\), found here"):
         m.check_loss("here")
 

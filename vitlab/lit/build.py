@@ -424,10 +424,13 @@ def build_datamodule(cfg: DictConfig, source: ClassificationSource, recipe: Opti
 def build_module(cfg: DictConfig, recipe: Recipe, derived: Derived, source: ClassificationSource) -> VitlabModule:
     optimizer_factory = instantiate(cfg.optim, lr=derived.lr, _convert_="all")
     scheduler_factory = instantiate(cfg.sched, _convert_="all") if cfg.get("sched") else None
+    fault = cfg.get("fault") or {}                 # configs saved before the fault: block have none
     return VitlabModule(recipe, optimizer_factory, scheduler_factory,
                         config=OmegaConf.to_container(cfg, resolve=True),
                         data_info=source_info(source),
-                        loss_check_interval=cfg.get("loss_check_interval"), ema=_ema_options(cfg))
+                        loss_check_interval=cfg.get("loss_check_interval"), ema=_ema_options(cfg),
+                        nonfinite=fault.get("nonfinite", "stop"),
+                        max_skipped_steps=fault.get("max_skipped_steps", 20))
 
 
 def _ema_options(cfg: DictConfig) -> Optional[dict]:
@@ -508,6 +511,12 @@ def build_trainer(cfg: DictConfig, derived: Derived, wandb_run_id: Optional[str]
         callbacks.append(ModelCheckpoint(dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), save_top_k=0,
                                          save_last=True, every_n_train_steps=int(cfg.checkpoint_every_n_steps),
                                          enable_version_counter=False))
+    # -- fault tolerance (vitlab/lit/fault.py): a preemption signal -> last.ckpt at the next step, then a requeue.
+    # After the configured callbacks: the run's history already holds the step when that checkpoint is written.
+    from vitlab.lit.fault import fault_callbacks
+
+    callbacks.extend(fault_callbacks(cfg))          # + the epoch's training sums in every checkpoint
+    # -- end fault tolerance
     kwargs = dict(precision=derived.precision, callbacks=callbacks, logger=loggers or False,
                   plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=cfg.paths.output_dir)
     if dense and cfg.trainer.get("strategy") == "ddp":

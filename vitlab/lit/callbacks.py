@@ -100,6 +100,16 @@ class RunArtifacts(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_t0, self._images = time.time(), 0
 
+    # The history travels in every checkpoint, so a resumed run's history.json and curves.png start at step 1,
+    # not at the resume (reading the pending losses here costs one host read per checkpoint write).
+    def state_dict(self) -> dict:
+        self._flush()
+        return {"steps": [list(s) for s in self.steps], "epochs": [dict(e) for e in self.epochs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = [(int(s), float(v)) for s, v in state.get("steps", [])]
+        self.epochs = [dict(e) for e in state.get("epochs", [])]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += _batch_len(batch) * trainer.world_size
         loss = trainer.callback_metrics.get("train/loss_step")
@@ -147,8 +157,11 @@ class RunArtifacts(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush()
+        # read on every rank: computing callback_metrics reduces the sync_dist metrics (a collective), so reading them
+        # on rank 0 alone would pair that reduction with whatever collective the other ranks issue next (a hang)
+        metrics = trainer.callback_metrics
         if self.epochs and trainer.is_global_zero:
-            s = _scalar(trainer.callback_metrics.get("train/loss_epoch"))
+            s = _scalar(metrics.get("train/loss_epoch"))
             if s is not None:
                 self.epochs[-1]["train/loss_epoch"] = s
 
