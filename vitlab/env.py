@@ -72,7 +72,7 @@ def config_sha256(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -169,7 +169,7 @@ def environment_record(trainer: Any = None, config: Any = None) -> dict:
         "torch": _torch_versions(),
         "packages": {name: package_version(name) for name in PACKAGES},
         "vitlab": {"version": getattr(vitlab, "__version__", UNKNOWN), **git_info()},
-        "hardware": {"hostname": socket.gethostname(), "cpu": _cpu_model(), "logical_cores": os.cpu_count(),
+        "hardware": {"hostname": socket.gethostname(), "cpu": cpu_model(), "logical_cores": os.cpu_count(),
                      "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                      "ram_bytes": _ram_bytes(), "gpus": gpus(),
                      "nvidia_driver": _nvidia_driver() if torch.cuda.is_available() else None},

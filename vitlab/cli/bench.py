@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,13 +48,9 @@ PROG = "vitlab-bench"
 # ------------------------------------------------------------------ timing ---
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from vitlab.env import cpu_model     # one definition, shared with the run's environment.json
+
+    return cpu_model()
 
 
 def _time_loader(make_loader: Callable[[], Iterable], step: Callable[[Any], int], warmup: int, n: int,
