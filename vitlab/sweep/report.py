@@ -332,6 +332,7 @@ def make_figure(summary: Summary):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curve_key, curves = _curves(summary)
     panels: list[Optional[str]] = list(summary.params) + ([None] if curves else [])
@@ -363,6 +364,9 @@ def make_figure(summary: Summary):
             pos = xs
             if use_log_x(xs):
                 ax.set_xscale("log")
+            else:                                       # learning rates on a linear axis: few, short tick labels
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         else:                                           # categories, in alphabetical order
             cats = sorted({str(x) for x in xs})
             pos = [cats.index(str(x)) for x in xs]
