@@ -45,7 +45,10 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
         node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False) if parent else cfg
     except Exception:                      # an interpolation on the way that does not resolve outside a job
         return False
-    return isinstance(node, DictConfig) and node._get_node(leaf) is not None
+    try:
+        return isinstance(node, DictConfig) and node._get_node(leaf) is not None
+    except Exception:                      # a struct config refuses to look up a key it does not have
+        return False
 
 class JobsFailInsteadOfExiting:
     """Wraps the task function: a job that exits with a non-zero code (vitlab's ``fail()``: e.g. a value a builder

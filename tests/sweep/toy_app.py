@@ -46,7 +46,7 @@ CONFIG = textwrap.dedent('''
           x: interval(0, 1)
       callbacks:
         sweep_report:
-          _target_: vitlab.sweep.report.SweepReportCallback
+          _target_: vitlab.cli.sweep_report.SweepReportCallback
 ''')
 
 # the same task as a script (for a sweep process that is killed for real); run from the folder holding config.yaml

@@ -1,7 +1,8 @@
 """The summary of a sweep: ``sweep_summary.csv`` (one row per job: status, swept parameters, final metrics, best job
 first) and ``sweep_summary.png`` (the metric against each swept parameter, every job's validation curve).
 
-Written at the end of every multirun by :class:`SweepReportCallback` (conf/train.yaml, hydra.callbacks) and by
+Written at the end of every multirun by :class:`vitlab.cli.sweep_report.SweepReportCallback` (conf/train.yaml,
+hydra.callbacks) and by
 ``vitlab-sweep-report DIR`` for any folder of runs. A job directory is any folder holding ``.hydra/overrides.yaml``,
 ``metrics.json`` or ``config.yaml`` (what a vitlab-train run writes); the swept parameters are read from each job's
 ``.hydra/overrides.yaml``, its final metrics from ``metrics.json`` and its curve from ``history.json``
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -420,44 +419,3 @@ def write_report(sweep_dir, metric: Optional[str] = None, mode: Optional[Mode] =
 
 
 # -- Hydra callback ------------------------------------------------------------------------------------------------
-class SweepReportCallback(Callback):
-    """Writes the sweep report at the end of a multirun, and each job's ``job_status.json`` (completed, or failed
-    with its error: the report's status column) into the job's directory. Never raises: a failing report must not
-    fail the sweep."""
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:                                    # a re-run in the same directory (a resumed Optuna trial) starts clean
-            (Path(config.hydra.runtime.output_dir) / JOB_STATUS).unlink(missing_ok=True)
-        except Exception as e:
-            log.warning("sweep report: could not clear %s: %s", JOB_STATUS, e)
-
-    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        try:
-            if job_return is None:
-                return
-            value = getattr(job_return, "_return_value", None)
-            failed = str(getattr(job_return, "status", "")).endswith("FAILED")
-            record: dict[str, Any] = {"status": "failed" if failed else "completed"}
-            if failed:
-                record["error"] = f"{type(value).__name__}: {value}".splitlines()[0][:500]
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                if math.isfinite(value):
-                    record["return_value"] = float(value)
-                else:                               # a sweeper's objective is NaN: the Optuna sweeper fails the trial
-                    record.update(status="failed", error=f"the job returned {value}")
-            out = Path(config.hydra.runtime.output_dir)
-            _atomic_write(out / JOB_STATUS, (json.dumps(record, indent=1) + "\n").encode())
-        except Exception as e:
-            log.warning("sweep report: could not write %s: %s", JOB_STATUS, e)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            summary = summarize(str(config.hydra.sweep.dir))
-            csv_path, png_path = write_summary(summary)
-        except Exception as e:
-            log.warning("no sweep report for %s: %s (vitlab-sweep-report DIR writes it later)",
-                        config.hydra.sweep.get("dir"), e)
-            return
-        best = summary.best
-        log.info("sweep summary: %s, %s%s", csv_path, png_path,
-                 f" (best: {_job_label(best)}, {summary.metric} {best.value(summary.metric):.4g})" if best else "")
