@@ -96,6 +96,8 @@ class NonFiniteTracker:
         non-finite ones and ``gate`` (a device bool) allows. One max-abs norm per gradient (no overflow, NaN
         propagates), the same pass gradient clipping makes; tensor ops only."""
         present = [(i, g.to_local() if hasattr(g, "to_local") else g) for i, g in enumerate(grads) if g is not None]
+        # under FSDP a rank's shard of a small parameter can be empty (no inf-norm of nothing): it holds no bad value
+        present = [(i, g) for i, g in present if g.numel() > 0]
         self.inspected_step = step
         if not present:
             return
