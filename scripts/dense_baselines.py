@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vitlab.lit.build import build_datamodule, build_recipe, build_source, source_info  # noqa: E402
+from vitlab.lit.build import build_datamodule, build_recipe, build_source, data_info  # noqa: E402
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -69,7 +69,7 @@ def prior_boxes(source, split: str = "train", max_per_class: int = 30,
 
 def detection_baseline(cfg: DictConfig, split: str) -> dict[str, float]:
     source = build_source(cfg)
-    task = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source)).task
+    task = build_recipe(cfg, data_info(cfg, source)).task
     priors = prior_boxes(source)
     metric = task.metrics()
     dm = build_datamodule(cfg, source)
@@ -106,7 +106,7 @@ def class_prior(source, grid: int = 64) -> torch.Tensor:
 
 def segmentation_baseline(cfg: DictConfig, split: str) -> dict[str, float]:
     source = build_source(cfg)
-    task = build_recipe(cfg, source.num_classes, source.in_chans, source_info(source)).task
+    task = build_recipe(cfg, data_info(cfg, source)).task
     counts = class_prior(source)
     majority = int(counts.sum((1, 2)).argmax())
     position = counts.argmax(0)                                             # (grid, grid)

@@ -49,9 +49,22 @@ class SyncRecorder:
         self._mode.__exit__(*exc)
 
 
+def new_file_mode(folder: Path) -> int:
+    """The permission bits a plain open(..., 'w') gives a new file in ``folder`` (0o666 less the umask)."""
+    import stat
+
+    probe = folder / "plain-open-probe"
+    probe.write_text("x")
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    return mode
+
+
 def run_cli(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m <module> args...` from the repo root; return the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", **(env or {})}
+    if os.environ.get("PYTEST_XDIST_WORKER"):      # tests run 2 at a time (pytest -n 2): one thread per process
+        full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.pop("WANDB_API_KEY", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)

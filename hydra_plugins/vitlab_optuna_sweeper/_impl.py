@@ -317,7 +317,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _write_report_quietly(self) -> None:
         try:
-            from vitlab.sweep.report import write_report
+            from vitlab.cli.sweep_summary import write_report
 
             write_report(str(self.config.hydra.sweep.dir))
         except Exception as e:                  # the report must never hide the sweep's own error

@@ -11,7 +11,7 @@ timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 from vitlab.backbones import VisionTransformer  # noqa: E402
 from vitlab.backbones.convert import convert_timm_vit, load_timm_weights  # noqa: E402
-from vitlab.heads.classification import ClassificationHead  # noqa: E402
+from vitlab.tasks.classification import ClassificationHead  # noqa: E402
 
 ATOL = 1e-4                       # fp32: max |logit difference|
 D, DEPTH, HEADS, IMG, PATCH, CLASSES = 64, 2, 4, 32, 8, 10
@@ -266,7 +266,7 @@ def test_timm_equivalent_is_the_same_network(kw):
     """create_timm_equivalent builds timm's ViT with the same parameter count, and with vitlab's weights
     converted into it... the other way round: timm's random weights converted into vitlab give the same logits."""
     from vitlab.backbones.convert import create_timm_equivalent
-    from vitlab.heads import ClassificationTask
+    from vitlab.tasks import ClassificationTask
 
     base = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS)
     ours = VisionTransformer(**{**base, **kw})

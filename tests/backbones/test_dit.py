@@ -316,3 +316,14 @@ def test_drop_path_linear_rule():
     m.eval()
     randomize(m)
     torch.testing.assert_close(m(x, t, y), m(x, t, y))                    # no drop-path at eval
+
+
+def test_dit_keeps_the_backbone_contract():
+    from tests.contracts import check_backbone
+    from vitlab.backbones.base import kind_of
+
+    m = dit("S/2", depth=2, embed_dim=32, num_heads=2, img_size=8, in_chans=1, num_classes=3)
+    check_backbone(m, torch.randn(2, 1, 8, 8))
+    assert kind_of(dit) == kind_of(DiT) == m.kind == "denoiser"
+    assert m.layer_id("x_embedder.proj.weight") == 0 and m.layer_id("blocks.1.attn.qkv.weight") == 2
+    assert m.layer_id("final_layer.linear.weight") == 3 and m.fsdp_units() == list(m.blocks)

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from vitlab.backbones import TimmFeatures, timm_backbone
-from vitlab.heads import ClassificationHead
+from vitlab.tasks import ClassificationHead
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,10 @@ def test_grad_checkpointing_keeps_gradients(pvt):
         pvt.set_grad_checkpointing(False)
     torch.testing.assert_close(pvt.model.patch_embed.proj.weight.grad, ref)
     pvt.zero_grad()
+
+
+def test_a_timm_pyramid_keeps_the_backbone_contract(pvt):
+    from tests.contracts import check_backbone
+
+    check_backbone(pvt, torch.randn(1, 3, 64, 64))
+    assert pvt.kind == "encoder" and pvt.mask_mode is None and pvt.num_layers == 0      # no layer decay yet

@@ -709,7 +709,7 @@ def test_distilled_timm_deit_converts_to_the_same_logits(tmp_path):
     from timm.models.deit import VisionTransformerDistilled
 
     from vitlab.backbones.convert import convert_timm_vit, load_timm_weights
-    from vitlab.heads.classification import ClassificationHead
+    from vitlab.tasks.classification import ClassificationHead
 
     torch.manual_seed(0)
     t = VisionTransformerDistilled(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS,
@@ -766,3 +766,20 @@ def test_plain_timm_vit_loads_into_a_distilled_vit(tmp_path):
     torch.testing.assert_close(ours.pos_embed[:, 0], t.pos_embed[:, 0].detach())
     assert torch.equal(ours.pos_embed[:, 1], torch.zeros_like(ours.pos_embed[:, 1]))
     torch.testing.assert_close(ours.pos_embed[:, 2:], t.pos_embed[:, 1:].detach())
+
+
+# ------------------------------------------------------------ the contract ---
+
+@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg", "class_token": False, "num_registers": 2},
+                                {"distill_token": True, "use_mask_token": True, "layer_scale_init": 1e-5},
+                                {"window_size": 2, "global_blocks": [1], "out_indices": 2}])
+def test_the_vit_keeps_the_backbone_contract(kw):
+    from tests.contracts import check_backbone
+
+    m = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16, in_chans=3, **kw)
+    check_backbone(m, torch.randn(2, 3, 16, 16))
+    assert m.num_layers == 2 and m.fsdp_units() == list(m.blocks)
+    assert m.layer_id("cls_token" if m.has_class_token else "pos_embed") == 0 and m.layer_id("blocks.1.mlp.fc1.bias") == 2
+    assert m.mask_mode == ("replace" if kw.get("use_mask_token") else "drop")
+    assert (m.token_norm() is m.norm) == (m.global_pool == "token") and (m.pool_norm() is m.fc_norm) == \
+        (m.global_pool == "avg")

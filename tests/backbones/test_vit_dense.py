@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vitlab.backbones import vit
-from vitlab.backbones.vit import resolve_out_indices, window_partition, window_shape, window_unpartition
+from vitlab.backbones.vit import resolve_out_indices
+from vitlab.layers import window_partition, window_shape, window_unpartition
 
 
 def tiny(**kw):

@@ -181,6 +181,42 @@ def test_shuffle_differs_between_epochs_and_repeats_for_a_seed(shard_dir):
     assert indices(val) == list(range(9))                              # eval: in order, nothing dropped
 
 
+def worker_id(_image) -> int:
+    """A transform that replaces the image by the id of the DataLoader worker that read it (module level: picklable)."""
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info().id
+
+
+def test_each_rank_and_workers_shards_are_reshuffled_every_epoch(shard_dir):
+    """Which shards each (rank, worker) reads follows the seed and the epoch: real DataLoader workers report the
+    shards they read. A frozen shard order (the seed without the epoch) would keep every worker on the same shards
+    epoch after epoch, which the in-worker shuffle buffer alone hides from a test of the sample order."""
+    starts = np.cumsum([0] + SIZES)
+    shard_of = {i: k for k in range(len(SIZES)) for i in range(starts[k], starts[k + 1])}
+
+    def assignment(epoch: int, seed: int = 0) -> dict:
+        out: dict = {}
+        for rank in range(2):
+            stream = stream_of(shard_dir, shuffle_buffer=4, seed=seed).configure(batch_size=2, world_size=2,
+                                                                                 rank=rank, num_workers=2)
+            stream.transform = worker_id
+            stream.set_epoch(epoch)
+            for batch in DataLoader(stream, batch_size=2, num_workers=2):
+                for index, worker in zip(batch["index"].tolist(), batch["image"].tolist()):
+                    out.setdefault((rank, worker), set()).add(shard_of[index])
+        return out
+
+    epochs = [assignment(e) for e in range(3)]
+    for a in epochs:                                       # each epoch: 4 readers on disjoint shards
+        assert len(a) == 4 and sum(len(s) for s in a.values()) == len(set().union(*a.values()))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    moved = [k for k in epochs[0] if epochs[0][k] != epochs[1][k]]
+    assert len(moved) >= 2                                 # readers changed shards, not just one swap of order
+    assert assignment(1) == epochs[1]                      # and it is reproducible for a seed
+    assert assignment(1, seed=1) != epochs[1]
+
+
 def test_ranks_get_equal_batches_and_disjoint_samples(shard_dir):
     per_rank = []
     for rank in range(2):

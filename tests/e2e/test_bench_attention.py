@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vitlab.cli.bench_attention import attention_main, attention_ops_ran
+from vitlab.cli.bench.attention import attention_main, attention_ops_ran
 
 TINY = ["seq_lens=[17,33]", "head_dim=16", "num_heads=2", "batch_size=2", "repeats=2", "warmup=1"]
 BACKENDS = ["math", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn"]
@@ -21,7 +21,7 @@ BACKENDS = ["math", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash
 
 def test_bench_attention_rows_on_cpu(tmp_path: Path):
     out = tmp_path / "attention.json"
-    code = f"from vitlab.cli.bench_attention import attention_main; attention_main({[*TINY, f'output_file={out}']!r})"
+    code = f"from vitlab.cli.bench.attention import attention_main; attention_main({[*TINY, f'output_file={out}']!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL, check=False,
                           env={k: v for k, v in os.environ.items() if k != "VITLAB_ATTN_BACKEND"})

@@ -89,10 +89,11 @@ def test_mnist_run_writes_grids_metrics_and_ema(mnist_run):
 
 
 def test_a_diffusion_checkpoint_is_refused_as_the_judge(mnist_run):
-    from vitlab.lit.build import load_judge
+    from vitlab.lit.build import load_model
+    from vitlab.tasks.diffusion import load_judge
 
     with pytest.raises(ValueError, match="not a trained classifier.*diffusion"):
-        load_judge(str(mnist_run / "checkpoints" / "last.ckpt"), 10)
+        load_judge(str(mnist_run / "checkpoints" / "last.ckpt"), 10, load_model)
 
 
 def test_checkpoint_evaluates_to_the_same_validation_numbers(mnist_run, tmp_path):

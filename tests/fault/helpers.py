@@ -64,6 +64,34 @@ class SignalAt(pl.Callback):
             self.step = -1
 
 
+def kill_in_checkpoint_write(step: int) -> list[str]:
+    """Overrides adding :class:`KillInCheckpointWrite`: the run SIGKILLs itself inside the write of the first
+    ``last.ckpt`` at or after optimizer step ``step``."""
+    return ["+callbacks.kill_in_write._target_=tests.fault.helpers.KillInCheckpointWrite",
+            f"+callbacks.kill_in_write.step={step}"]
+
+
+class KillInCheckpointWrite(pl.Callback):
+    """SIGKILLs this process in the middle of writing ``last.ckpt`` (the first write at or after step ``step``):
+    once the checkpoint's bytes are on disk in the writer's temporary file (its fsync), before the rename that
+    would put them in place. A writer that is not vitlab's atomic one (no temporary file, no fsync) is never
+    interrupted, so the run ends normally and a test that expects the kill fails."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            real(fd)
+            name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+            if trainer.global_step >= self.step and name.startswith(".last.ckpt.") and name.endswith(".tmp"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        os.fsync = fsync
+
+
 def progress(run: Path, rank: int = 0) -> int:
     try:
         return int((run / f"progress.rank{rank}").read_text().split()[0])

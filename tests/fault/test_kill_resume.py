@@ -1,6 +1,6 @@
-"""SIGKILL a run mid-epoch (in its last epoch) and run it again with ckpt_path=auto: the final metrics, the per-step
-loss curve and the epoch rows equal an uninterrupted run's, bit for bit (CPU, the same machine). The temporary file
-of a killed checkpoint write is removed at that start.
+"""SIGKILL a run mid-epoch (in its last epoch), inside a checkpoint write, and run it again with ckpt_path=auto: the
+previous checkpoint is whole, the killed write's temporary file is removed at that start, and the final metrics, the
+per-step loss curve and the epoch rows equal an uninterrupted run's, bit for bit (CPU, the same machine).
 
 Bit-exact because everything random is restored: the data order (seeded per epoch, the loader skips what was
 trained), the main process's RNG (in the checkpoint: dropout, stochastic depth, augmentation without loader
@@ -10,36 +10,37 @@ augmentation drawn inside the workers is not restored (a resumed epoch restarts 
 
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
 import torch
 
-from tests.fault.helpers import STEPS_PER_EPOCH, TINY, finish, progress, results, start, throttle, train, wait_until
+from tests.fault.helpers import STEPS_PER_EPOCH, TINY, kill_in_checkpoint_write, results, train
 
 pytestmark = pytest.mark.slow
 
 
 def _kill_and_resume(tmp_path, *extra):
+    """Killed (SIGKILL) through the real CLI while it writes a checkpoint in the 2nd epoch: the previous checkpoint is
+    whole, the write's temporary file is left, and the same command with ckpt_path=auto removes it and resumes."""
     run = tmp_path / "run"
     args = [*TINY, *extra, f"paths.output_dir={run}", "checkpoint_every_n_steps=2"]
-    p = start(*args, *throttle(0.25, after=STEPS_PER_EPOCH + 4, until=STEPS_PER_EPOCH + 10))
-    wait_until(lambda: progress(run) >= STEPS_PER_EPOCH + 8, p, what="a step in the 2nd epoch")
-    os.kill(p.pid, signal.SIGKILL)
-    finish(p)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    kill_at = STEPS_PER_EPOCH + 9                 # an even step: a checkpoint is written there (every 2 steps)
+    rc, log = train(*args, *kill_in_checkpoint_write(kill_at))
+    assert rc == -signal.SIGKILL, f"the run was not killed inside a checkpoint write (exit {rc}):\n{log[-3000:]}"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)       # whole: the previous one
     step = ckpt["global_step"]
-    assert STEPS_PER_EPOCH + 6 <= step < 2 * STEPS_PER_EPOCH and step % 2 == 0       # mid-epoch, epoch 2
+    assert step == kill_at - 2, step                                               # every 2 steps, mid-epoch 2
     assert ckpt["VitlabDataModule"]["train_loader"] == {"epoch": 1, "consumed_batches": step - STEPS_PER_EPOCH}
-    stale = run / "checkpoints" / ".last.ckpt.k1ll3d_x.tmp"                         # as a killed write leaves it
-    stale.write_bytes(b"PK\x03\x04 half")
+    stale = [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".last.ckpt.")]
+    assert len(stale) == 1 and stale[0].name.endswith(".tmp") and stale[0].stat().st_size > 0   # the killed write
+    assert stale[0].stat().st_size > (run / "checkpoints" / "last.ckpt").stat().st_size / 2
 
     rc, log = train(*args, "ckpt_path=auto")
     assert rc == 0, log[-3000:]
     assert f"ckpt_path=auto: resuming from {run / 'checkpoints' / 'last.ckpt'}" in log
     assert f"resuming epoch 1 at batch {step - STEPS_PER_EPOCH}" in log
-    assert not stale.exists() and f"removed {stale}" in log
+    assert not stale[0].exists() and f"removed {stale[0]}" in log
     return run
 
 

@@ -81,13 +81,13 @@ def test_free_space_check_names_free_needed_and_the_fix(tmp_path, monkeypatch):
     assert 0.85 < one / real.stat().st_size < 1.15
 
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(fault.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 2 * one, 2 * one))
+    monkeypatch.setattr(fault.disk.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 2 * one, 2 * one))
     fresh = tmp_path / "fresh"                                          # no checkpoints yet
     with pytest.raises(fault.RunDirError) as e:
         fault.check_free_space(cfg, fresh, run.module)                  # auto: 3 checkpoints' worth
     text = str(e.value)
     assert f"in {fresh / 'checkpoints'}" in text
-    assert f"{fault._human(2 * one)} free, {fault._human(3 * one)} needed" in text
+    assert f"{fault.human(2 * one)} free, {fault.human(3 * one)} needed" in text
     assert "paths.output_dir=" in text and "fault.min_free_space=0" in text
     # a resumed run: its last.ckpt and best.ckpt are overwritten in place, so the room they hold counts
     resumed = tmp_path / "resumed" / "checkpoints"
@@ -96,19 +96,19 @@ def test_free_space_check_names_free_needed_and_the_fix(tmp_path, monkeypatch):
         with open(resumed / name, "wb") as f:
             f.truncate(one)                                             # sparse: the size counts, not the blocks
     fault.check_free_space(cfg, resumed.parent, run.module)             # 2 free = 3 needed - 2 there
-    monkeypatch.setattr(fault.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, one - 1))
+    monkeypatch.setattr(fault.disk.shutil, "disk_usage", lambda p: Usage(10**9, 10**9, one - 1))
     with pytest.raises(fault.RunDirError) as e:                         # but never less than one checkpoint
         fault.check_free_space(cfg, resumed.parent, run.module)
-    assert f"{fault._human(one - 1)} free, {fault._human(one)} needed" in str(e.value)
-    assert f"less the {fault._human(2 * one)} of checkpoints already in {resumed}" in str(e.value)
-    monkeypatch.setattr(fault.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 2 * one, 2 * one))
+    assert f"{fault.human(one - 1)} free, {fault.human(one)} needed" in str(e.value)
+    assert f"less the {fault.human(2 * one)} of checkpoints already in {resumed}" in str(e.value)
+    monkeypatch.setattr(fault.disk.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 2 * one, 2 * one))
     cfg.fault.min_free_space = 2 * one + 1                              # an explicit size
     with pytest.raises(fault.RunDirError, match=f"needed \\(fault.min_free_space={2 * one + 1}\\)"):
         fault.check_free_space(cfg, fresh, run.module)
     cfg.fault.min_free_space = 2 * one
     fault.check_free_space(cfg, fresh, run.module)
     cfg.fault.min_free_space = 0                                          # off
-    monkeypatch.setattr(fault.shutil, "disk_usage", lambda p: Usage(1, 1, 0))
+    monkeypatch.setattr(fault.disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0))
     fault.check_free_space(cfg, tmp_path / "run", run.module)
 
 

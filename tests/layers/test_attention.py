@@ -545,22 +545,32 @@ def test_vit_traces_with_no_graph_breaks(backend):
 
 # ----------------------------------------------------- the default choice ---
 
-def test_env_var_sets_the_default_backend(monkeypatch):
-    """VITLAB_ATTN_BACKEND is read at import: load a fresh copy of the module with it set."""
+def test_the_environment_is_not_read_at_import(monkeypatch):
+    """The backend is configuration: importing the module with VITLAB_ATTN_BACKEND set changes nothing; the config
+    reads the variable (conf/train.yaml: attention_backend: ${oc.env:VITLAB_ATTN_BACKEND,sdpa}) and the entry
+    point passes it to set_backend."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
     monkeypatch.setenv("VITLAB_ATTN_BACKEND", "sdpa_math")
     spec = importlib.util.spec_from_file_location("_attention_fresh_copy", attn_mod.__file__)
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
-    assert fresh.get_backend() == "sdpa_math"
-    assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("sdpa_math", "set by VITLAB_ATTN_BACKEND")
-    monkeypatch.delenv("VITLAB_ATTN_BACKEND")
-    spec.loader.exec_module(fresh)
     assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("sdpa", "default")
+    for name in ("train", "eval", "sample"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            assert compose(name).attention_backend == "sdpa_math", name
+    fresh.set_backend("math", source="attention_backend=math")
+    assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("math", "attention_backend=math")
+    monkeypatch.delenv("VITLAB_ATTN_BACKEND")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert compose("train").attention_backend == "sdpa"
 
 
 def test_bad_default_names_where_it_came_from(monkeypatch):
     monkeypatch.setattr(attn_mod, "_backend", "flash")
-    monkeypatch.setattr(attn_mod, "_source", "set by VITLAB_ATTN_BACKEND")
+    monkeypatch.setattr(attn_mod, "_source", "attention_backend=flash")
     q, k, v = _qkv(1, 1, 4, 4, 8)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash' \(set by VITLAB_ATTN_BACKEND\)"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash' \(attention_backend=flash\)"):
         attention(q, k, v)

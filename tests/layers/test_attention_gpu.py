@@ -131,7 +131,7 @@ def test_flash_attn_varlen_matches_per_sample_math(dtype):
                                         ("sdpa_efficient", "aten::_scaled_dot_product_efficient_attention"),
                                         ("sdpa_cudnn", "aten::_scaled_dot_product_cudnn_attention")])
 def test_profiler_sees_the_kernel_that_was_asked_for(backend, op):
-    from vitlab.cli.bench_attention import attention_ops_ran
+    from vitlab.cli.bench.attention import attention_ops_ran
 
     q, k, v = _qkv(197, torch.bfloat16)
     why = backend_unavailable_reason(backend, q, k, v)

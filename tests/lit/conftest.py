@@ -19,7 +19,7 @@ def tiny_fit(tmp_path_factory):
 
     from vitlab.backbones import vit
     from vitlab.data import Digits
-    from vitlab.heads import ClassificationTask
+    from vitlab.tasks import ClassificationTask
     from vitlab.lit.datamodule import VitlabDataModule
     from vitlab.lit.module import VitlabModule
     from vitlab.optim import build_optimizer, cosine_schedule

@@ -196,11 +196,11 @@ def test_wandb_offline_run_never_prompts(tmp_path):
 # --------------------------------------------------------------------- EMA ---
 
 @pytest.mark.parametrize("task, enabled, warmup, expected", [
-    ("vitlab.heads.ClassificationTask", "auto", "auto", None),                    # classification: off
-    ("vitlab.heads.DiffusionTask", "auto", "auto", {"warmup": True}),           # diffusion samples with EMA weights
-    ("vitlab.heads.DiffusionTask", False, "auto", None),                         # the user turns it off
-    ("vitlab.heads.ClassificationTask", True, "auto", {"warmup": False}),        # on by hand: warm-up as before
-    ("vitlab.heads.DiffusionTask", "auto", False, {"warmup": False}),
+    ("vitlab.tasks.ClassificationTask", "auto", "auto", None),                    # classification: off
+    ("vitlab.tasks.DiffusionTask", "auto", "auto", {"warmup": True}),           # diffusion samples with EMA weights
+    ("vitlab.tasks.DiffusionTask", False, "auto", None),                         # the user turns it off
+    ("vitlab.tasks.ClassificationTask", True, "auto", {"warmup": False}),        # on by hand: warm-up as before
+    ("vitlab.tasks.DiffusionTask", "auto", False, {"warmup": False}),
 ])
 def test_ema_auto_follows_the_task(task, enabled, warmup, expected):
     cfg = OmegaConf.create({"task": {"_target_": task}, "trainer": {"strategy": "auto"},
@@ -211,3 +211,39 @@ def test_ema_auto_follows_the_task(task, enabled, warmup, expected):
         assert got is None
     else:
         assert got["enabled"] is True and got["warmup"] is expected["warmup"] and got["decay"] == 0.999
+
+
+# ------------------------------------------------------ the built trainer ---
+
+def test_the_trainer_build_run_makes_writes_checkpoints_atomically(tmp_path, monkeypatch):
+    """The trainer of a real run (build_run) writes through vitlab.io: a crash mid-write keeps the previous
+    checkpoint and leaves no temporary file, and checkpoints get the usual permissions (0666 less the umask; the
+    temporary files of other writers are 0600)."""
+    import stat
+
+    from hydra import compose, initialize_config_dir
+
+    from vitlab.lit.callbacks import AtomicCheckpointIO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=digits_vit", f"paths.output_dir={tmp_path}", "logger=[]",
+                                          "backbone.depth=1", "backbone.embed_dim=32", "backbone.num_heads=2"])
+    run = build.build_run(cfg)
+    io = run.trainer.strategy.checkpoint_io
+    assert isinstance(io, AtomicCheckpointIO)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(probe.stat().st_mode)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]

@@ -1,4 +1,4 @@
-"""AtomicCheckpointIO, atomic_write_text and RunArtifacts (driven by a tiny real Lightning run)."""
+"""AtomicCheckpointIO and RunArtifacts (driven by a tiny real Lightning run). The atomic writer itself: tests/test_io.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import new_file_mode
 from vitlab.lit import callbacks
-from vitlab.lit.callbacks import AtomicCheckpointIO, RunArtifacts, atomic_write_text
+from vitlab.lit.callbacks import AtomicCheckpointIO, RunArtifacts
 
 
 def _ckpt(value: float) -> dict:
@@ -31,15 +32,6 @@ def _crashing_save(written: list):
         written.append(getattr(f, "name", None))
         raise OSError(28, "No space left on device")
     return save
-
-
-def _new_file_mode(folder: Path) -> int:
-    """The permission bits a plain open(..., 'w') gives a new file here (i.e. 0o666 minus the umask)."""
-    probe = folder / "plain-open-probe"
-    probe.write_text("x")
-    mode = stat.S_IMODE(probe.stat().st_mode)
-    probe.unlink()
-    return mode
 
 
 # --------------------------------------------------------- checkpoint IO ---
@@ -98,7 +90,7 @@ def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     """Checkpoints must stay readable to whoever could read a plainly written file (a lab group)."""
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), path)
-    assert stat.S_IMODE(path.stat().st_mode) == _new_file_mode(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == new_file_mode(tmp_path)
 
 
 def test_trainer_save_checkpoint_goes_through_the_plugin(tmp_path, tiny_fit, monkeypatch):
@@ -117,70 +109,6 @@ def test_trainer_save_checkpoint_goes_through_the_plugin(tmp_path, tiny_fit, mon
     assert ckpt["vitlab"]["config"] == {"seed": 7}
     assert ckpt["global_step"] == trainer.global_step == 3
     assert set(ckpt["state_dict"]) == set(module.state_dict())
-
-
-# -------------------------------------------------------- atomic text ---
-
-def test_atomic_write_text_creates_and_replaces(tmp_path):
-    path = tmp_path / "sub" / "metrics.json"
-    atomic_write_text(path, "first")
-    assert path.read_text() == "first"
-    atomic_write_text(path, '{"val/top1": 0.5}')
-    assert json.loads(path.read_text()) == {"val/top1": 0.5}
-    assert os.listdir(path.parent) == ["metrics.json"]
-
-
-def test_atomic_write_text_is_all_or_nothing(tmp_path, monkeypatch):
-    """A failure mid-write leaves the old content whole and no temporary file behind."""
-    path = tmp_path / "metrics.json"
-    atomic_write_text(path, "old content")
-    real_fdopen = os.fdopen
-
-    class Failing:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-            return False
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])
-            self.f.flush()
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(callbacks.os, "fdopen", lambda fd, mode="r", *a, **k: Failing(real_fdopen(fd, mode)))
-    with pytest.raises(OSError):
-        atomic_write_text(path, "new content that is long enough to be cut in half")
-    monkeypatch.undo()
-    assert path.read_text() == "old content"
-    assert os.listdir(tmp_path) == ["metrics.json"], "a temporary file was left behind"
-
-
-def test_atomic_write_text_never_exposes_a_partial_file(tmp_path, monkeypatch):
-    """Until the rename, the target holds the old content; the rename is the only switch."""
-    path = tmp_path / "metrics.json"
-    atomic_write_text(path, "old")
-    seen = []
-    real_replace = os.replace
-
-    def spying_replace(src, dst):
-        seen.append((Path(src).parent == path.parent, Path(dst) == path, path.read_text(), Path(src).read_text()))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(callbacks.os, "replace", spying_replace)
-    atomic_write_text(path, "new")
-    assert seen == [(True, True, "old", "new")]
-    assert path.read_text() == "new"
-
-
-def test_atomic_write_text_gets_the_usual_file_permissions(tmp_path):
-    path = tmp_path / "metrics.json"
-    atomic_write_text(path, "{}")
-    assert stat.S_IMODE(path.stat().st_mode) == _new_file_mode(tmp_path)
 
 
 # ------------------------------------------------------- run artifacts ---

@@ -200,6 +200,51 @@ def test_mixup_soft_targets_reach_the_training_batch_only():
     torch.testing.assert_close(out["label"], lam * one_hot + (1 - lam) * one_hot.flip(0))
 
 
+class _Constant(ClassificationSource):
+    """Image k is the constant (k + 1) / 64 on every pixel, label k % 10: a mixed pixel tells which images were mixed
+    and in which proportion."""
+
+    name, num_classes, in_chans, mean, std = "constant", 10, 1, (0.0,), (1.0,)
+    class_names = [str(i) for i in range(10)]
+
+    def _load(self, split):
+        n = 32
+        images = np.stack([np.full((1, 8, 8), (k + 1) / 64, np.float32) for k in range(n)])
+        return ArrayDataset(images, np.arange(n) % 10, torch.from_numpy)
+
+
+@pytest.mark.parametrize("mixer", [{"mixup_alpha": 0.8, "cutmix_alpha": 0.0}, {"mixup_alpha": 0.0, "cutmix_alpha": 1.0},
+                                   {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mode": "elem"}],
+                         ids=["mixup", "cutmix", "both_per_element"])
+def test_mixup_targets_match_the_mixed_pixels(mixer):
+    """The soft target of each image weighs its label by the share of the image that is really its own, read off the
+    mixed pixels (not solved from the targets, which would agree with themselves): swapping lam and 1 - lam, or the
+    partner images, in the data module's mixing is caught."""
+    np.random.seed(0)
+    dm = VitlabDataModule(_Constant(), img_size=8, batch_size=16, augment={"policy": "none"},
+                          mixup={**mixer, "label_smoothing": 0.0, "prob": 1.0})
+    seen = 0
+    for batch in dm.loader("train"):
+        index, labels = batch["index"].clone(), batch["label"].clone()
+        value = (index.float() + 1) / 64                                       # each image's own constant
+        out = dm.on_after_batch_transfer(dict(batch), 0)
+        x = out["image"].reshape(16, -1)                                       # (B, 64) mixed pixels
+        partner = value.flip(0)
+        for i in range(16):
+            if mixer["cutmix_alpha"] and mixer["mixup_alpha"] == 0.0:          # a box of the partner pasted in
+                lam = float(torch.isclose(x[i], value[i].expand(64)).float().mean())
+            elif torch.isclose(x[i], x[i, :1].expand(64)).all():              # blended everywhere alike (mixup)
+                lam = float((x[i, 0] - partner[i]) / (value[i] - partner[i]))
+            else:                                                              # a cutmix box in the elem mode
+                lam = float(torch.isclose(x[i], value[i].expand(64)).float().mean())
+            expected = torch.zeros(10)
+            expected[labels[i]] += lam
+            expected[labels.flip(0)[i]] += 1 - lam
+            torch.testing.assert_close(out["label"][i], expected, atol=1e-5, rtol=0)
+            seen += 1
+    assert seen == 32
+
+
 def test_batched_augment_fetches_uint8_batches_and_augments_them_after_the_transfer():
     dm = _dm(batched_augment=True, num_workers=2, augment={"policy": "crop_flip", "crop_padding": 1, "hflip": 0.0},
              mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0})

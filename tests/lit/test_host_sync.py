@@ -22,7 +22,7 @@ from pytorch_lightning.loggers.logger import Logger
 from tests.conftest import REPO
 from vitlab.backbones import vit
 from vitlab.data import Digits
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.lit.callbacks import ProgressBar
 from vitlab.lit.host_sync import HostSyncGuard, is_logging_step
 from vitlab.lit.datamodule import VitlabDataModule
@@ -134,7 +134,7 @@ def test_without_skipping_logging_steps_every_step_is_watched(tmp_path, caplog):
     assert [s.step for s in ours] == list(range(STEPS))
     # the rest: the non-finite loss check, which reads its flag back on logging steps only
     rest = [s for s in guard.syncs if s not in ours]
-    assert {s.step for s in rest} == LOGGING_STEPS and all("vitlab/lit/module.py" in s.location for s in rest)
+    assert {s.step for s in rest} == LOGGING_STEPS and all("vitlab/lit/nonfinite.py" in s.location for s in rest)
     warned = [r.getMessage() for r in caplog.records if "host sync in the training step" in r.getMessage()]
     assert len(warned) == len({s.where() for s in guard.syncs})                  # once per location
     assert sum(f"test_host_sync.py:{ITEM_LINE}" in w for w in warned) == 1
@@ -273,7 +273,8 @@ SYNCING = {
     "tolist": lambda x: x.tolist(),
     "numpy": lambda x: x.numpy(),
     "mask_index": lambda x: x[x > 0],
-    "mask_assign_tensor": lambda x: x.__setitem__(x > 0, torch.zeros(())),
+    # a value per selected element: index_put_ needs the number of True entries (a nonzero); x has 4 > 0
+    "mask_assign_tensor": lambda x: x.__setitem__(x > 0, torch.zeros(4)),
     "nonzero": lambda x: x.nonzero(),
     "where_1arg": lambda x: torch.where(x > 0),
     "masked_select": lambda x: x.masked_select(x > 0),
@@ -287,7 +288,8 @@ NOT_SYNCING = {
     "where_3arg": lambda x: torch.where(x > 0, x, 0.0),
     "isfinite_all": lambda x: torch.isfinite(x).all(),
     "masked_fill": lambda x: x.masked_fill(x > 0, 0.0),
-    "mask_assign_scalar": lambda x: x.__setitem__(x > 5, 1.0),
+    "mask_assign_scalar": lambda x: x.__setitem__(x > 5, 1.0),         # masked_fill_ inside index_put_
+    "mask_assign_host_scalar_tensor": lambda x: x.__setitem__(x > 0, torch.zeros(())),
     "nonzero_static": lambda x: torch.nonzero_static(x > 0, size=2),
     "repeat_interleave_sized": lambda x: torch.repeat_interleave(torch.ones(4, dtype=torch.long), output_size=4),
     "clip_grad_norm": lambda x: torch.nn.utils.clip_grad_norm_([_with_grad(x)], 1.0),

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF
-from vitlab.lit.build import apply_model_options, build_module, build_recipe, build_source, derive
+from vitlab.lit.build import apply_model_options, build_module, build_recipe, build_source, data_info, derive
 
 
 def compose_train(*overrides: str):
@@ -21,7 +21,7 @@ def compose_train(*overrides: str):
 
 def _recipe(cfg):
     source = build_source(cfg)
-    return build_recipe(cfg, source.num_classes, source.in_chans), source
+    return build_recipe(cfg, data_info(cfg, source)), source
 
 
 def test_defaults_change_nothing():
@@ -43,8 +43,13 @@ def test_activation_checkpointing_is_switched_on_in_the_backbone():
 def test_activation_checkpointing_needs_a_backbone_that_supports_it():
     cfg = compose_train("model.activation_checkpointing=true")
     recipe, _ = _recipe(cfg)
-    recipe.backbone = torch.nn.Linear(2, 2)                  # no set_grad_checkpointing
-    with pytest.raises(ValueError, match="does not support it"):
+    from vitlab.backbones.base import Backbone
+
+    class Plain(Backbone):                                   # the contract's default: no activation checkpointing
+        pass
+
+    recipe.backbone = Plain()
+    with pytest.raises(ValueError, match="Plain does not support activation checkpointing.*=false"):
         apply_model_options(recipe, cfg.model)
 
 
@@ -65,8 +70,8 @@ def test_compile_is_in_place_and_keeps_parameter_names():
 def test_loss_check_interval_reaches_the_module(value, expected):
     cfg = compose_train(f"loss_check_interval={value}")
     recipe, source = _recipe(cfg)
-    module = build_module(cfg, recipe, derive(cfg, recipe), source)
-    assert module.loss_check_interval == expected
+    module = build_module(cfg, recipe, derive(cfg, recipe), data_info(cfg, source))
+    assert module.guard.check_interval == expected
 
 
 def test_fused_adamw_option_reaches_the_optimizer():
@@ -78,15 +83,23 @@ def test_fused_adamw_option_reaches_the_optimizer():
 
 # ------------------------------------------------------------------- FSDP ---
 
-def test_fsdp_config_builds_the_strategy_with_the_block_class():
-    from vitlab.backbones.vit import Block
+def test_fsdp_config_builds_the_strategy_that_shards_the_declared_units():
+    from vitlab.layers import Block
     from vitlab.lit.strategies import FSDP
 
     cfg = compose_train("trainer=fsdp", "trainer.strategy.reshard_after_forward=false",
                         "trainer.strategy.param_dtype=bfloat16", "trainer.strategy.reduce_dtype=float32")
     strategy = instantiate(cfg.trainer.strategy, _convert_="all")
     assert isinstance(strategy, FSDP)
-    assert strategy.wrap_classes == (Block,)
+    assert strategy.wrap_classes is None                   # the backbone's fsdp_units() decide
+    recipe, _ = _recipe(compose_train("recipe=mae", "recipe.decoder_depth=2", "recipe.decoder_embed_dim=32",
+                                      "recipe.decoder_num_heads=2"))
+    units = recipe.fsdp_units()
+    assert units[:len(recipe.backbone.blocks)] == list(recipe.backbone.blocks)      # the encoder's blocks ...
+    assert units[len(recipe.backbone.blocks):] == list(recipe.decoder.blocks)      # ... and MAE's decoder's
+    assert all(isinstance(u, Block) for u in units)
+    named = instantiate(cfg.trainer.strategy, wrap=["vitlab.layers.Block"], _convert_="all")
+    assert named.wrap_classes == (Block,)
     assert strategy.reshard_after_forward is False
     assert (strategy.param_dtype, strategy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert OmegaConf.select(cfg, "trainer.strategy.save_distributed_checkpoint") is False

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.lit.module import VitlabModule
 from vitlab.optim import build_optimizer, cosine_schedule, warmup_cosine_factor
 from vitlab.recipes import Supervised
@@ -72,19 +72,19 @@ def test_finite_loss_passes_the_guard_directly():
 
 def test_the_first_non_finite_loss_is_kept_on_the_device_until_checked():
     m = tiny_module()
-    m._note_non_finite(torch.tensor(2.0))
-    m.check_loss("here")                                              # all finite: nothing to report
-    m._note_non_finite(torch.tensor(float("inf")))
-    m._note_non_finite(torch.tensor(float("nan")))                    # later bad values do not overwrite the first
-    rec = m._nonfinite.loss
+    m.guard.note_loss(m, torch.tensor(2.0))
+    m.guard.check(m, "here")                                          # all finite: nothing to report
+    m.guard.note_loss(m, torch.tensor(float("inf")))
+    m.guard.note_loss(m, torch.tensor(float("nan")))                  # later bad values do not overwrite the first
+    rec = m.guard.tracker.loss
     assert rec.device == torch.device("cpu") and (rec[0].item(), rec[1].item()) == (0, 0)
     with pytest.raises(FloatingPointError, match=r"the training loss is inf at step 0 \(epoch 0\), found here"):
-        m.check_loss("here")
+        m.guard.check(m, "here")
 
 
 def test_no_checkpoint_metadata_is_written_after_a_non_finite_loss():
     m = tiny_module(config={})
-    m._note_non_finite(torch.tensor(float("nan")))
+    m.guard.note_loss(m, torch.tensor(float("nan")))
     ckpt: dict = {}
     with pytest.raises(FloatingPointError, match="before writing a checkpoint"):
         m.on_save_checkpoint(ckpt)
@@ -315,7 +315,7 @@ def _stub_trainer(precision: str, clip):
 
 def _module_with(optimizer_factory):
     from vitlab.backbones import vit
-    from vitlab.heads import ClassificationTask
+    from vitlab.tasks import ClassificationTask
     from vitlab.recipes import Supervised
 
     recipe = Supervised(vit("Ti", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=16, in_chans=1),
@@ -358,12 +358,12 @@ def test_fp16_scaling_with_clipping_falls_back_to_the_unfused_optimizer():
 
     auto = _module_with(functools.partial(build_optimizer, lr=1e-3))        # optim.fused=auto (the default)
     auto._trainer = _stub_trainer("16-mixed", 1.0)
-    opt = auto._unfused_if_scaled_and_clipped(auto.optimizer_factory(auto.recipe))
+    opt = auto._build_optimizer()
     assert not opt.defaults["fused"]
     forced = _module_with(functools.partial(build_optimizer, lr=1e-3, fused=True))
     forced._trainer = _stub_trainer("16-mixed", 1.0)
     with pytest.raises(ValueError, match="optim.fused=true cannot be combined"):
-        forced._unfused_if_scaled_and_clipped(forced.optimizer_factory(forced.recipe))
+        forced._build_optimizer()
     no_clip = _module_with(functools.partial(build_optimizer, lr=1e-3))
     no_clip._trainer = _stub_trainer("16-mixed", None)
-    assert no_clip._unfused_if_scaled_and_clipped(no_clip.optimizer_factory(no_clip.recipe)).defaults["fused"]
+    assert no_clip._build_optimizer().defaults["fused"]

@@ -13,7 +13,7 @@ import torch
 
 from vitlab.backbones import vit
 from vitlab.data import Digits
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.lit.datamodule import VitlabDataModule
 from vitlab.lit.host_sync import HostSyncGuard
 from vitlab.lit.module import VitlabModule
@@ -83,11 +83,12 @@ def test_sam_training_step_never_waits_for_the_device(tmp_path):
 
 def test_sam_refuses_fp16_scaling_and_fsdp_before_any_work():
     module = _module(SAM_SGD)
+    from vitlab.lit.strategies import FSDP
+
     module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), strategy=SimpleNamespace())
     with pytest.raises(ValueError, match="bf16-mixed"):
         module._check_sam()
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None),
-                                      strategy=SimpleNamespace(shard=lambda m: m))
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None), strategy=FSDP())
     with pytest.raises(ValueError, match="fsdp"):
         module._check_sam()
 
@@ -128,35 +129,31 @@ def test_pretraining_recipe_logs_its_loss_and_no_top_k(tmp_path):
 
 
 def test_pretrained_backbone_loads_into_another_image_size():
-    from vitlab.lit.build import load_backbone_state
-
     torch.manual_seed(0)
     small = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16, in_chans=1)
     big = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=32, in_chans=1,
               use_mask_token=False)
-    load_backbone_state(big, small.state_dict(), "small")
+    big.load_pretrained(small.state_dict(), "small")
     torch.testing.assert_close(big.blocks[1].mlp.fc1.weight, small.blocks[1].mlp.fc1.weight)
     assert big.pos_embed.shape[1] == 1 + 64                            # resampled 4x4 -> 8x8
     torch.testing.assert_close(big.pos_embed[:, :1], small.pos_embed[:, :1])   # the class token's row is kept
     # a mask token from SimMIM pretraining is left out, another width is refused with the reason
     simmim = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16, in_chans=1, use_mask_token=True)
-    load_backbone_state(small, simmim.state_dict(), "simmim")
+    small.load_pretrained(simmim.state_dict(), "simmim")
     wide = vit("Ti", patch_size=4, embed_dim=64, depth=2, num_heads=2, img_size=16, in_chans=1)
     with pytest.raises(ValueError, match="differ in shape"):
-        load_backbone_state(small, wide.state_dict(), "wide")
+        small.load_pretrained(wide.state_dict(), "wide")
 
 
 def test_pretrained_backbone_with_a_class_token_loads_into_a_vitdet_backbone_without_one():
     """ViTDet fine-tunes MAE weights (class token, token pooling) in a backbone without a class token, average
     pooling and window attention, at a larger image size: the blocks load, the patch position rows are resampled,
     the class token and its position row are dropped."""
-    from vitlab.lit.build import load_backbone_state
-
     torch.manual_seed(0)
     mae = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=16, in_chans=3)
     det = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=32, in_chans=3, class_token=False,
               global_pool="avg", window_size=4, global_blocks=[1])
-    load_backbone_state(det, mae.state_dict(), "mae")
+    det.load_pretrained(mae.state_dict(), "mae")
     torch.testing.assert_close(det.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
     assert det.pos_embed.shape[1] == 64                                # no class row; 4x4 -> 8x8 patch rows
     from vitlab.layers.pos_embed import resample_abs_pos_embed
@@ -164,5 +161,5 @@ def test_pretrained_backbone_with_a_class_token_loads_into_a_vitdet_backbone_wit
     torch.testing.assert_close(det.pos_embed, resample_abs_pos_embed(mae.pos_embed[:, 1:], (8, 8), (4, 4), 0))
     # and the reverse: a backbone with a class token keeps its own init for the row the checkpoint lacks
     cls_pos = mae.pos_embed[:, :1].clone()
-    load_backbone_state(mae, det.state_dict(), "det")
+    mae.load_pretrained(det.state_dict(), "det")
     torch.testing.assert_close(mae.pos_embed[:, :1], cls_pos)

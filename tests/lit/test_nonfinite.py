@@ -18,7 +18,7 @@ from tests.conftest import REPO, run_cli
 from tests.lit.nonfinite_inject import InfGradientAt, PoisonSample
 from vitlab.backbones import vit
 from vitlab.data import Digits
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.lit.datamodule import VitlabDataModule
 from vitlab.lit.module import REPORT_NAME, VitlabModule
 from vitlab.optim import build_optimizer, cosine_schedule
@@ -288,16 +288,16 @@ def test_bad_values_name_the_key_and_the_fix(kwargs, key):
 def test_the_fault_block_reaches_the_module():
     from hydra import compose, initialize_config_dir
 
-    from vitlab.lit.build import build_module, build_recipe, build_source, derive
+    from vitlab.lit.build import build_module, build_recipe, build_source, data_info, derive
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["backbone.embed_dim=32", "backbone.num_heads=2", "backbone.depth=1",
                                           "fault.nonfinite=skip",
                                           "fault.max_skipped_steps=3"])
     source = build_source(cfg)
-    recipe = build_recipe(cfg, source.num_classes, source.in_chans)
-    module = build_module(cfg, recipe, derive(cfg, recipe), source)
-    assert (module.nonfinite, module.max_skipped_steps) == ("skip", 3)
+    recipe = build_recipe(cfg, data_info(cfg, source))
+    module = build_module(cfg, recipe, derive(cfg, recipe), data_info(cfg, source))
+    assert (module.guard.policy, module.guard.max_skipped_steps) == ("skip", 3)
 
 
 # ------------------------------------------------------------------- DDP ---

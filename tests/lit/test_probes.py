@@ -148,7 +148,7 @@ def test_history_rows_leave_out_knn_values_not_refreshed_this_epoch(tmp_path):
 
     from vitlab.backbones import vit
     from vitlab.data import Digits
-    from vitlab.heads import ClassificationTask
+    from vitlab.tasks import ClassificationTask
     from vitlab.lit.callbacks import RunArtifacts
     from vitlab.lit.datamodule import VitlabDataModule
     from vitlab.lit.module import VitlabModule

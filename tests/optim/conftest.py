@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.recipes import Supervised
 
 # Backbone options that add the parameters weight-decay exemption cares about.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from vitlab.optim import SAM, build_optimizer, cosine_schedule, layer_id_for, no_weight_decay_names, param_groups
+from vitlab.backbones.base import Backbone
+from vitlab.optim import SAM, build_optimizer, cosine_schedule, no_weight_decay_names, param_groups
 
 DECAY = 0.5
 LR = 1e-3
@@ -30,7 +31,7 @@ def lr_of(opt: torch.optim.Optimizer) -> dict[int, dict]:
 
 
 def test_layer_ids_of_a_vitlab_recipe(full_model):
-    ids = {n: layer_id_for(n, 2) for n, _ in full_model.named_parameters()}
+    ids = {n: full_model.layer_id(n) for n, _ in full_model.named_parameters()}
     for n in ("backbone.cls_token", "backbone.reg_token", "backbone.mask_token", "backbone.pos_embed",
               "backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias"):
         assert ids[n] == 0, n
@@ -40,14 +41,62 @@ def test_layer_ids_of_a_vitlab_recipe(full_model):
     assert ids == {n: expected_layer(n, 2) for n in ids}
 
 
-def test_layer_id_for_names_outside_the_backbone_and_deep_models():
-    assert layer_id_for("backbone.blocks.11.mlp.fc1.weight", 12) == 12
-    assert layer_id_for("backbone.dist_token", 12) == 0
-    assert layer_id_for("backbone.fc_norm.weight", 12) == 13
-    assert layer_id_for("decoder.blocks.0.attn.qkv.weight", 12) == 13       # an MAE decoder trains at full lr
-    assert layer_id_for("task.head.fc.bias", 12) == 13
-    assert layer_id_for("blocks.3.norm1.weight", 12, prefix="") == 4        # a bare backbone
-    assert layer_id_for("pos_embed", 12, prefix="") == 0
+def test_layer_ids_outside_the_backbone_and_of_deep_models(make_model):
+    """The recipe asks its backbone for backbone.* names; everything else of the recipe trains at the full lr."""
+    from vitlab.backbones import vit
+    from vitlab.recipes import Supervised
+    from vitlab.tasks import ClassificationTask
+
+    deep = Supervised(vit("Ti", patch_size=8, embed_dim=32, depth=12, num_heads=2, img_size=16, distill_token=True,
+                          global_pool="avg"), ClassificationTask(32, 10))
+    assert deep.num_layers == 12
+    assert deep.layer_id("backbone.blocks.11.mlp.fc1.weight") == 12
+    assert deep.layer_id("backbone.dist_token") == 0
+    assert deep.layer_id("backbone.fc_norm.weight") == 13
+    assert deep.layer_id("decoder.blocks.0.attn.qkv.weight") == 13        # an MAE decoder trains at full lr
+    assert deep.layer_id("task.head.fc.bias") == 13
+    assert deep.backbone.layer_id("blocks.3.norm1.weight") == 4           # a bare backbone
+    assert deep.backbone.layer_id("pos_embed") == 0
+
+
+class _Stages(Backbone):
+    """A hierarchical backbone whose parameters are not named blocks.N (Swin's layers.i.blocks.j): it declares its
+    own layers, and layer decay must follow them, not guess from the names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_dim, self.num_layers = 4, 4
+        self.stem = nn.Linear(3, 4)
+        self.layers = nn.ModuleList([nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])})
+                                     for _ in range(2)])
+        self.blocks = nn.Linear(4, 4)          # a decoy: a name-based rule would call this "block"
+
+    def layer_id(self, name: str) -> int:
+        parts = name.split(".")
+        if parts[0] == "stem":
+            return 0
+        if parts[0] == "layers":                     # stage i, block j -> 2 i + j + 1
+            return 2 * int(parts[1]) + int(parts[3]) + 1
+        return self.num_layers + 1
+
+
+def test_layer_decay_follows_a_backbones_own_layer_ids():
+    model = _Stages()
+    opt = build_optimizer(model, "adamw", lr=LR, layer_decay=DECAY)
+    groups = lr_of(opt)
+    assert groups[id(model.stem.weight)]["lr"] == pytest.approx(LR * DECAY ** 5)
+    assert groups[id(model.layers[0]["blocks"][1].weight)]["layer_id"] == 2
+    assert groups[id(model.layers[1]["blocks"][1].weight)]["lr"] == pytest.approx(LR * DECAY)
+    assert groups[id(model.blocks.weight)]["lr"] == pytest.approx(LR)
+
+
+def test_layer_decay_is_refused_for_a_model_without_layers():
+    with pytest.raises(ValueError, match="declares its layers.*optim.layer_decay=null"):
+        build_optimizer(nn.Linear(2, 2), "adamw", layer_decay=DECAY)
+    flat = _Stages()
+    flat.num_layers = 0
+    with pytest.raises(ValueError, match="num_layers=0.*optim.layer_decay=null"):
+        build_optimizer(flat, "adamw", layer_decay=DECAY)
 
 
 def test_group_lrs_follow_decay_powers(full_model):

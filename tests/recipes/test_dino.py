@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from vitlab.backbones import vit
 from vitlab.data import DictDataset, Digits, MultiCropTransform
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.optim import build_optimizer
 from vitlab.recipes import DINO, DINOHead, DINOLoss
 from vitlab.recipes.dino import teacher_temperature

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tests.conftest import SyncRecorder
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask, soft_target_cross_entropy
+from vitlab.tasks import ClassificationTask, soft_target_cross_entropy
 from vitlab.optim import build_optimizer
 from vitlab.recipes import Distill, hard_distillation_loss, load_timm_teacher, soft_distillation_loss
 
@@ -106,7 +106,7 @@ class Factory:
 def student(distill_token: bool = True, seed: int = 0):
     torch.manual_seed(seed)
     return vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=IMG, in_chans=1,
-               **Distill.backbone_options(distill_token=distill_token))
+               **Distill.backbone_options({"distill_token": distill_token}))
 
 
 def make(distill_token: bool = True, factory=None, **kw) -> Distill:
@@ -123,9 +123,9 @@ def batch() -> dict:
 
 
 def test_backbone_options():
-    assert Distill.backbone_options() == {"distill_token": True}
-    assert Distill.backbone_options(distill_token=True, teacher="x") == {"distill_token": True}
-    assert Distill.backbone_options(distill_token=False) == {}
+    assert Distill.backbone_options({}) == {"distill_token": True}
+    assert Distill.backbone_options({"distill_token": True, "teacher": "x"}) == {"distill_token": True}
+    assert Distill.backbone_options({"distill_token": False}) == {}
     assert student().num_prefix_tokens == 2 and student(False).num_prefix_tokens == 1
 
 
@@ -168,8 +168,8 @@ def test_hard_token_loss_composition(batch):
     torch.testing.assert_close(out["loss_base"], base)
     torch.testing.assert_close(out["loss_distill"], kd)
     avg = (cls_logits + dist_logits) / 2
-    torch.testing.assert_close(out["logits"], avg)
-    assert not out["logits"].requires_grad and torch.equal(out["target"], batch["label"])
+    torch.testing.assert_close(out["preds"], avg)
+    assert not out["preds"].requires_grad and torch.equal(out["target"], batch["label"])
     agree = (avg.argmax(-1) == t.argmax(-1)).float().mean()
     assert out["teacher_agreement"].ndim == 0 and out["teacher_agreement"] == agree
     for k in ("loss", "loss_base", "loss_distill", "teacher_agreement"):
@@ -196,7 +196,7 @@ def test_plain_kd_without_token(batch):
     t = r.teacher(batch["image"])
     kd = soft_distillation_loss(logits, t, 2.0, reduction="batchmean")              # Hinton's
     torch.testing.assert_close(out["loss"], 0.1 * F.cross_entropy(logits, batch["label"]) + 0.9 * kd)
-    torch.testing.assert_close(out["logits"], logits)
+    torch.testing.assert_close(out["preds"], logits)
     torch.testing.assert_close(r(batch["image"]), logits)
     hard = make(distill_token=False).eval().training_step(batch)
     torch.testing.assert_close(hard["loss_distill"], F.cross_entropy(logits, t.argmax(-1)))
@@ -218,7 +218,7 @@ def test_evaluation_averages_both_heads_and_needs_no_teacher(batch):
         out = r.evaluation_step(batch)
         f = r.backbone(batch["image"])
         avg = (r.task(f) + r.dist_head(f["dist"])) / 2
-    torch.testing.assert_close(out["logits"], avg)
+    torch.testing.assert_close(out["preds"], avg)
     torch.testing.assert_close(r(batch["image"]).detach(), avg)
     torch.testing.assert_close(out["loss"], F.cross_entropy(avg, batch["label"]))
     assert torch.equal(out["target"], batch["label"]) and factory.calls == 0
@@ -269,19 +269,22 @@ def test_backbone_without_distillation_token_names_the_fix():
 
 
 def test_backbone_without_dist_feature_names_the_fix(batch):
-    class NoDist(torch.nn.Module):                              # some other backbone: no "dist" in its features
-        embed_dim = 32
+    from vitlab.backbones.base import Backbone
 
-        def __init__(self):
+    class NoDist(Backbone):                                     # some other backbone: no distillation token
+        def __init__(self, claims_token: bool):
             super().__init__()
+            self.embed_dim, self.has_dist_token = 32, claims_token
             self.inner = student(distill_token=False)
 
         def forward(self, x):
-            return self.inner(x)
+            return self.inner(x)                                # no "dist" feature
 
-    r = Distill(NoDist(), ClassificationTask(32, C), teacher="t.ckpt", teacher_factory=Factory())
     with pytest.raises(ValueError, match="no distillation token.*distill_token=True"):
-        r.training_step(batch)
+        Distill(NoDist(False), ClassificationTask(32, C), teacher="t.ckpt", teacher_factory=Factory())
+    r = Distill(NoDist(True), ClassificationTask(32, C), teacher="t.ckpt", teacher_factory=Factory())
+    with pytest.raises(ValueError, match="no distillation token.*distill_token=True"):
+        r.training_step(batch)                                  # declared, but its features lack it
 
 
 def test_timm_file_without_teacher_model_names_the_fix(batch):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import REPO, SyncRecorder
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
 from vitlab.layers import PatchEmbed, sincos_2d_pos_embed
 from vitlab.optim import build_optimizer, no_weight_decay_names
 from vitlab.recipes import MAE
@@ -290,7 +290,7 @@ def test_recipe_attributes():
     r = tiny_mae()
     assert MAE.pretraining and r.monitor is None and r.monitor_mode == "min"
     assert r.scaled_lr(1.5e-4, 4096) == pytest.approx(1.5e-4 * 16)
-    assert MAE.backbone_options() == {}
+    assert MAE.backbone_options({}) == {}
     assert r(torch.randn(2, 1, 16, 16)).shape == (2, C)
 
 

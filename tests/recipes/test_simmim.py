@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF, REPO
 from tests.recipes.test_mae import SyncRecorder, smooth_images
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask
+from vitlab.tasks import ClassificationTask
+from vitlab.data.base import DataInfo
 from vitlab.lit.build import build_recipe
 from vitlab.optim import build_optimizer
 from vitlab.recipes import SimMIM
@@ -27,7 +28,7 @@ def tiny_simmim(in_chans: int = 1, img_size: int = 16, seed: int = 0, global_poo
                 **kwargs) -> SimMIM:
     torch.manual_seed(seed)
     backbone = vit("Ti", patch_size=4, embed_dim=32, depth=2, num_heads=2, img_size=img_size, in_chans=in_chans,
-                   global_pool=global_pool, **SimMIM.backbone_options())
+                   global_pool=global_pool, **SimMIM.backbone_options({}))
     return SimMIM(backbone, ClassificationTask(32, C), **kwargs)
 
 
@@ -84,10 +85,10 @@ def test_bad_mask_patch_sizes_are_refused():
 # ------------------------------------------------------------ mask token ---
 
 def test_backbone_options_ask_for_a_mask_token_and_the_build_passes_them():
-    assert SimMIM.backbone_options(mask_ratio=0.6) == {"use_mask_token": True}
+    assert SimMIM.backbone_options({"mask_ratio": 0.6}) == {"use_mask_token": True}
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["recipe=simmim", "data.img_size=32", "backbone.variant=Ti/8"])
-    r = build_recipe(cfg, num_classes=10, in_chans=1)
+    r = build_recipe(cfg, DataInfo(num_classes=10, in_chans=1))
     assert isinstance(r, SimMIM) and r.backbone.mask_token is not None
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitlab.tasks.base import Task
 from vitlab.backbones import vit
-from vitlab.heads import ClassificationTask, soft_target_cross_entropy
+from vitlab.tasks import ClassificationTask, soft_target_cross_entropy
 from vitlab.optim import build_optimizer
 from vitlab.recipes import Recipe, Supervised
 
@@ -41,8 +42,13 @@ class _Dummy(torch.nn.Module):
     pass
 
 
+class _DummyTask(Task):
+    kind = "dummy"
+    monitor, monitor_mode, lr_base_batch = "val/top1", "max", 256
+
+
 def base(rule: str, base_batch: int = 256) -> Recipe:
-    return Recipe(_Dummy(), _Dummy(), lr_scaling=rule, lr_base_batch=base_batch)
+    return Recipe(_Dummy(), _DummyTask(), lr_scaling=rule, lr_base_batch=base_batch)
 
 
 @pytest.mark.parametrize("gb", [64, 256, 1024, 4096])
@@ -66,7 +72,7 @@ def test_lr_base_batch_is_honoured():
 
 
 def test_linear_is_the_default_rule():
-    r = Recipe(_Dummy(), _Dummy())
+    r = Recipe(_Dummy(), _DummyTask())
     assert r.scaled_lr(1e-3, 512) == pytest.approx(2e-3)
 
 
@@ -116,9 +122,9 @@ def test_forward_is_task_of_backbone(recipe, batch):
 def test_training_step_with_hard_labels(recipe, batch):
     out = recipe.training_step(batch)
     logits = recipe(batch["image"])
-    assert out["logits"].shape == (8, C)
-    torch.testing.assert_close(out["logits"], logits)
-    assert not out["logits"].requires_grad, "logits are returned detached (metrics only)"
+    assert out["preds"].shape == (8, C)
+    torch.testing.assert_close(out["preds"], logits)
+    assert not out["preds"].requires_grad, "logits are returned detached (metrics only)"
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, batch["label"]))
     assert torch.equal(out["target"], batch["label"])
@@ -152,8 +158,8 @@ def test_evaluation_step_with_hard_labels(recipe, batch):
     with torch.no_grad():
         out = recipe.evaluation_step(batch)
         logits = recipe(batch["image"])
-    assert set(out) >= {"loss", "logits", "target"}
-    torch.testing.assert_close(out["logits"], logits)
+    assert set(out) >= {"loss", "preds", "target"}
+    torch.testing.assert_close(out["preds"], logits)
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, batch["label"]))
     assert torch.equal(out["target"], batch["label"])
 
@@ -195,4 +201,4 @@ def test_a_few_steps_overfit_a_fixed_batch(batch, soft):
     with torch.no_grad():
         out = r.evaluation_step(batch)
     target = batch["label"] if not soft else batch["label"].argmax(-1)
-    assert (out["logits"].argmax(-1) == target).float().mean() >= 0.75
+    assert (out["preds"].argmax(-1) == target).float().mean() >= 0.75

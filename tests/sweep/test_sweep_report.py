@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from tests.conftest import run_cli
 from vitlab.cli.sweep_report import main as report_main
 from vitlab.cli.sweep_report import SweepReportCallback
-from vitlab.sweep.report import (JOB_STATUS, make_figure, metric_mode, parse_value, summarize,
+from vitlab.cli.sweep_summary import (JOB_STATUS, make_figure, metric_mode, parse_value, summarize,
                                  use_log_x, write_report)
 
 

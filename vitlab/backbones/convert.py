@@ -22,12 +22,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from vitlab.backbones.vit import VisionTransformer
 from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+if TYPE_CHECKING:                           # annotations only: vit.py loads timm weights through this module
+    from vitlab.backbones.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransform
     """Map a timm VisionTransformer state dict onto ``model``.
 
     Returns (backbone_state, head_state); head_state holds ``fc.weight`` /
-    ``fc.bias`` for :class:`vitlab.heads.ClassificationHead` when the source has
+    ``fc.bias`` for :class:`vitlab.tasks.ClassificationHead` when the source has
     a classifier, and ``dist_head.weight`` / ``dist_head.bias`` (the Distill
     recipe's distillation head) when it is a distilled DeiT.
     """

@@ -3,8 +3,8 @@
 A denoiser, not a feature extractor: ``model(x, t, y) -> out`` maps a noisy image or latent x (B, C, H, W), the
 timestep t (B,) and class labels y (B,) to a prediction of the same spatial size (the noise or velocity, plus
 the variance interpolation value when ``learn_sigma``). Reads top to bottom: the adaLN-Zero block -> the final
-layer -> the model -> the variant table -> the factory. It reuses the ViT's pieces (``vitlab.backbones.vit.
-Attention``, so every attention backend of ``vitlab.layers.attention`` works; ``Mlp``; ``PatchEmbed``; the fixed
+layer -> the model -> the variant table -> the factory. It reuses the ViT's pieces (``vitlab.layers.Attention``,
+so every attention backend of ``vitlab.layers.attention`` works; ``Mlp``; ``PatchEmbed``; the fixed
 2-D sin-cos position table; ``DropPath``) and the conditioning layers of ``vitlab.layers.adaln``.
 
 - adaLN-Zero conditioning: c = t_emb + y_emb regresses shift / scale / gate of each block's attention and MLP
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitlab.backbones.vit import Attention, _pair
-from vitlab.layers import DropPath, Mlp, PatchEmbed, linear_drop_path_rates
+from vitlab.backbones.base import Backbone
+from vitlab.layers import Attention, DropPath, Mlp, PatchEmbed, linear_drop_path_rates, to_2tuple
 from vitlab.layers.adaln import LabelEmbedder, TimestepEmbedder, modulate
 from vitlab.layers.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 
@@ -91,7 +91,7 @@ class FinalLayer(nn.Module):
 
 # ------------------------------------------------------------------- model ---
 
-class DiT(nn.Module):
+class DiT(Backbone):
     """The DiT denoiser: forward(x (B, C, H, W), t (B,) float, y (B,) long or None) -> (B, C_out, H, W).
 
     ``t`` is the model time the objective hands over (DDPM: the integer step as a float; flow matching:
@@ -104,7 +104,7 @@ class DiT(nn.Module):
     middle block between them when depth is odd); out block i fuses the output of in block depth // 2 - 1 - i.
     """
 
-    kind = "denoiser"
+    kind = "denoiser"                       # the Backbone contract: forward(x, t, y), for task=diffusion
     num_prefix_tokens = 0
 
     def __init__(
@@ -131,7 +131,7 @@ class DiT(nn.Module):
             raise ValueError(f"pos_embed must be 'sincos' (DiT's fixed table) or 'learned', got {pos_embed!r}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {patch_size}: pick a patch "
                              "size that divides both sides (DiT uses 2, 4 or 8)")
@@ -140,6 +140,7 @@ class DiT(nn.Module):
         self.out_chans = 2 * in_chans if learn_sigma else in_chans
         self.embed_dim = embed_dim
         self.depth = depth
+        self.num_layers = depth
         self.num_classes = num_classes
         self.null_class = num_classes if num_classes > 0 else None
         self.learn_sigma = learn_sigma
@@ -209,6 +210,36 @@ class DiT(nn.Module):
         Results and gradients are unchanged (the recomputation replays the same drop-path random draws).
         """
         self.grad_checkpointing = enable
+
+    # ------------------------------------------------------ the contract ---
+    def layer_id(self, name: str) -> int:
+        """``blocks.i.*`` -> i + 1; the embedders and positions -> 0; the final layer -> depth + 1."""
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            return int(rest.split(".", 1)[0]) + 1
+        if head in ("x_embedder", "t_embedder", "y_embedder", "pos_embed"):
+            return 0
+        return self.num_layers + 1
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def load_external_weights(self, source: str, heads) -> None:
+        """An official DiT checkpoint (facebookresearch/DiT's ``DiT-XL-2-256x256.pt``: a plain state dict whose
+        names are this model's), loaded strictly; its ``pos_embed`` replaces the buffer of the same name."""
+        import os
+        from pathlib import Path
+
+        path = Path(os.path.expanduser(str(source)))
+        if not path.is_file():
+            raise FileNotFoundError(f"weights={source} does not exist; give a DiT state dict file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("ema", state.get("model", state)) if isinstance(state, dict) else state
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the weights in {source} do not fit this DiT: missing {missing[:6]}, unexpected "
+                             f"{unexpected[:6]}; build the variant the file was trained as (backbone.variant, "
+                             "backbone.learn_sigma, data.img_size)")
 
     # ----------------------------------------------------------- forward ---
     def _pos(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:

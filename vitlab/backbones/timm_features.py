@@ -1,7 +1,7 @@
 """Hierarchical backbones from timm (PVT-v2, Swin, ConvNeXt, ResNet, ...) as vitlab backbones for dense tasks.
 
 A hierarchical backbone gives feature maps at several strides (4, 8, 16, 32), the input of an FPN
-(``vitlab.heads.pyramid.FeatureNeck(source="pyramid")``). Any model timm builds with ``features_only=True``
+(``vitlab.tasks.pyramid.FeatureNeck(source="pyramid")``). Any model timm builds with ``features_only=True``
 works; the default is PVT-v2-b0 (Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer",
 Computational Visual Media 2022), a 3.4M-parameter pyramid transformer.
 
@@ -20,11 +20,13 @@ import timm
 import torch
 from torch import nn
 
+from vitlab.backbones.base import Backbone
+
 log = logging.getLogger(__name__)
 
 
-class TimmFeatures(nn.Module):
-    """A timm ``features_only`` model behind the backbone contract.
+class TimmFeatures(Backbone):
+    """A timm ``features_only`` model behind the :class:`~vitlab.backbones.base.Backbone` contract.
 
     forward(images (B, C, H, W), mask=None) -> {
         "pyramid": [(B, C_i, H / s_i, W / s_i)]   the maps of ``out_indices``, NCHW (NHWC models are permuted)
@@ -41,7 +43,7 @@ class TimmFeatures(nn.Module):
         super().__init__()
         self.model = model
         self.model_name = model_name
-        self.img_size = img_size
+        self.img_size = tuple(img_size)
         self.in_chans = in_chans
         info = model.feature_info
         self.pyramid_channels: list[int] = [int(c) for c in info.channels()]
@@ -56,6 +58,10 @@ class TimmFeatures(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass (timm's own per-stage checkpointing)."""
         self.model.set_grad_checkpointing(enable)
+
+    def load_external_weights(self, source: str, heads) -> None:
+        """``weights=PATH``: a timm checkpoint of the full model (see :meth:`load_weights`)."""
+        self.load_weights(source)
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dict:
         if mask is not None:

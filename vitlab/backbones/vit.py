@@ -1,7 +1,7 @@
 """Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021).
 
-Reads top to bottom: attention -> block -> the model -> the variant table ->
-factories. Options from later papers:
+Reads top to bottom: the model -> the variant table -> factories; its attention module and
+transformer block are ``vitlab.layers.Attention`` / ``Block``. Options from later papers:
 
 - class token or global average pooling (``global_pool``),
 - register tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024),
@@ -30,6 +30,8 @@ naturally (see ``vitlab.backbones.convert``).
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from typing import Literal, Sequence
 
@@ -38,140 +40,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitlab.layers import DropPath, LayerScale, Mlp, PatchEmbed, RotaryEmbedding2D, attention, linear_drop_path_rates
+from vitlab.backbones.base import Backbone
+from vitlab.layers import (Block, PatchEmbed, RotaryEmbedding2D, linear_drop_path_rates, to_2tuple, window_partition,
+                           window_shape)
 from vitlab.layers.pos_embed import resample_abs_pos_embed
+
+log = logging.getLogger(__name__)
 
 Features = dict[str, torch.Tensor | list[torch.Tensor]]
 
-
-# ------------------------------------------------------------------ layers ---
-
-def window_shape(window_size: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """The (wh, ww) window on a (h, w) grid: window_size, shrunk to the grid along an axis it exceeds.
-
-    A window larger than the grid is the whole grid along that axis (no padding), so window_size >= grid is
-    global attention among the patches, not attention over zero padding.
-    """
-    return min(window_size, grid[0]), min(window_size, grid[1])
-
-
-def window_partition(x: torch.Tensor, window: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """ViTDet's window_partition: (B, h, w, C) -> (B * nW, wh * ww, C) windows in row-major order.
-
-    The grid is zero-padded bottom/right to a multiple of the window; returns the padded grid (Hp, Wp) too.
-    """
-    B, h, w, C = x.shape
-    wh, ww = window
-    pad_h, pad_w = (-h) % wh, (-w) % ww
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))                           # (B, Hp, Wp, C)
-    Hp, Wp = h + pad_h, w + pad_w
-    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, wh, ww, C)
-    return x.reshape(-1, wh * ww, C), (Hp, Wp)
-
-
-def window_unpartition(windows: torch.Tensor, window: tuple[int, int], padded: tuple[int, int],
-                       grid: tuple[int, int]) -> torch.Tensor:
-    """The inverse: (B * nW, wh * ww, C) -> (B, h, w, C), the padding cropped away."""
-    wh, ww = window
-    Hp, Wp = padded
-    C = windows.shape[-1]
-    x = windows.view(-1, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)   # (B, nH, wh, nW, ww, C)
-    x = x.reshape(-1, Hp, Wp, C)
-    return x[:, :grid[0], :grid[1]]
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                num_prefix_tokens: int = 0, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D); key_padding_mask (B, T) bool, True = a real token (padded tokens are never attended to)."""
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                            # (B, H, T, Dh) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope
-            q = RotaryEmbedding2D.rotate(q, cos, sin, num_prefix_tokens)
-            k = RotaryEmbedding2D.rotate(k, cos, sin, num_prefix_tokens)
-        x = attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, T, D)                             # (B, T, D)
-        return self.proj_drop(self.proj(x))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP.
-
-    ``window_size`` > 0 (ViTDet): the patch tokens attend within window_size x window_size windows of the grid
-    (zero-padded after norm1 to a multiple of the window, cropped after attention, as ViTDet; the padded slots
-    are attended to, as there); prefix tokens (class / distillation / registers) attend among themselves only.
-    The MLP half is unchanged. No parameters are added: a windowed block loads the same weights as a global one.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init: float | None = None, window_size: int = 0):
-        super().__init__()
-        self.window_size = window_size
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, drop)
-        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path1 = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, mlp_dim, drop)
-        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
-        self.drop_path2 = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor, rope=None, num_prefix_tokens: int = 0,
-                key_padding_mask: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x (B, P + N, D). A windowed block needs ``grid`` (h, w) with h * w = N, no key_padding_mask, and
-        ``rope`` (if any) already partitioned into windows: (nW, wh * ww, Dh/2) tables (the model does it)."""
-        if self.window_size:
-            y = self._window_attention(self.norm1(x), rope, num_prefix_tokens, grid)
-        else:
-            y = self.attn(self.norm1(x), rope, num_prefix_tokens, key_padding_mask)
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
-
-    def _window_attention(self, x: torch.Tensor, rope, P: int, grid: tuple[int, int] | None) -> torch.Tensor:
-        """ViTDet's windowed attention of normed tokens x (B, P + N, D) -> (B, P + N, D)."""
-        B, T, D = x.shape
-        if grid is None or grid[0] * grid[1] != T - P:
-            raise ValueError(f"window attention needs the full patch grid: got {T - P} patch tokens for grid {grid}")
-        h, w = grid
-        window = window_shape(self.window_size, grid)
-        xw, padded = window_partition(x[:, P:].reshape(B, h, w, D), window)      # (B*nW, wh*ww, D)
-        if rope is not None:                                                  # (nW, wh*ww, Dh/2) -> (B*nW, 1, ., .)
-            rope = tuple(t.unsqueeze(0).expand(B, -1, -1, -1).reshape(-1, 1, *t.shape[1:]) for t in rope)
-        yw = self.attn(xw, rope, 0)                                           # (B*nW, wh*ww, D)
-        y = window_unpartition(yw, window, padded, grid).reshape(B, h * w, D)   # (B, N, D)
-        if P:                                                                 # prefix tokens: among themselves
-            y = torch.cat([self.attn(x[:, :P]), y], dim=1)
-        return y
+# the stem's parameters: layer id 0 under layer-wise lr decay (timm's param_groups_layer_decay, by name)
+STEM_NAMES = ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token", "dist_token")
 
 
 # ------------------------------------------------------------------- model ---
 
-def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
-
-
-class VisionTransformer(nn.Module):
-    """A plain ViT that returns a dict of named features.
+class VisionTransformer(Backbone):
+    """A plain ViT that returns a dict of named features (the :class:`~vitlab.backbones.base.Backbone` contract).
 
     forward(images (B, C, H, W), mask (B, N) bool, True = masked) -> {
         "cls": (B, D)            class token after the final norm (if class_token)
@@ -240,10 +125,14 @@ class VisionTransformer(nn.Module):
         if distill_token and not class_token:
             raise ValueError("distill_token=True needs class_token=True (DeiT's distillation token sits beside the "
                              "class token); set backbone.class_token=true or drop the distillation token")
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
+        self.num_layers = depth                                            # layer-wise lr decay: 0 .. depth + 1
+        self.in_chans = in_chans
+        self.has_dist_token = bool(distill_token)
+        self.mask_mode = "replace" if use_mask_token else "drop"           # SimMIM's mask token, or MAE's dropping
         self.global_pool = global_pool
         self.has_class_token = class_token
         self.num_registers = num_registers
@@ -302,6 +191,45 @@ class VisionTransformer(nn.Module):
         unchanged (the recomputation replays the same dropout / drop-path random draws).
         """
         self.grad_checkpointing = enable
+
+    # ------------------------------------------------------ the contract ---
+    def layer_id(self, name: str) -> int:
+        """``blocks.i.*`` -> i + 1; the patch embedding, tokens and positions -> 0; the final norms -> depth + 1."""
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            return int(rest.split(".", 1)[0]) + 1
+        if head in STEM_NAMES:
+            return 0
+        return self.num_layers + 1
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def token_norm(self) -> nn.Module | None:
+        return self.norm if self.global_pool == "token" else None
+
+    def pool_norm(self) -> nn.Module | None:
+        return self.fc_norm if self.global_pool == "avg" else None
+
+    def optional_state_keys(self) -> tuple[str, ...]:
+        """A class token dropped for detection, a mask token from MAE / SimMIM pretraining, a distillation token,
+        and the final norms (which one exists follows ``global_pool``)."""
+        return ("mask_token", "dist_token", "cls_token", "fc_norm.weight", "fc_norm.bias", "norm.weight", "norm.bias")
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """A checkpoint's position table -> this backbone's grid and prefix rows (:func:`fit_pos_embed`); a table of
+        another width is left for :meth:`load_pretrained` to refuse."""
+        pe = state.get("pos_embed")
+        own = self.pos_embed
+        if pe is not None and own is not None and pe.shape != own.shape and pe.shape[-1] == own.shape[-1]:
+            state["pos_embed"] = fit_pos_embed(pe, own.detach(), self.num_pos_prefix, self.grid, source)
+        return state
+
+    def load_external_weights(self, source: str, heads) -> None:
+        """timm ViT / DeiT weights (a file, an URL or timm:NAME): see :mod:`vitlab.backbones.convert`."""
+        from vitlab.backbones.convert import load_timm_weights
+
+        load_timm_weights(self, source, head=heads.get("head"), dist_head=heads.get("dist_head"))
 
     # ----------------------------------------------------------- forward ---
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -467,6 +395,31 @@ def _block_indices(indices: Sequence[int], depth: int, what: str) -> list[int]:
                              f"(or -{depth}..-1 from the end)")
         out.append(i % depth)
     return out
+
+
+def fit_pos_embed(pe: torch.Tensor, own: torch.Tensor, own_prefix: int, grid: tuple[int, int], source: str
+                  ) -> torch.Tensor:
+    """A checkpoint's position table (1, P + h*w, D) -> this backbone's (``own``, with ``own_prefix`` prefix rows on
+    ``grid``): the patch rows resampled to the grid, the prefix rows (class / distillation token) kept where both
+    have them, dropped where only the checkpoint has them (ViTDet fine-tunes MAE weights without the class token),
+    and left at their init where only this one has."""
+    candidates = [own_prefix] + [p for p in (0, 1, 2) if p != own_prefix]
+    src_prefix = next((p for p in candidates if pe.shape[1] > p and math.isqrt(pe.shape[1] - p) ** 2
+                       == pe.shape[1] - p), None)
+    if src_prefix is None:
+        raise ValueError(f"cannot resample the position embeddings of {source}: {pe.shape[1]} rows are not a square "
+                         "grid plus class / distillation rows")
+    side = math.isqrt(pe.shape[1] - src_prefix)
+    patches = pe[:, src_prefix:]
+    if (side, side) != tuple(grid):
+        patches = resample_abs_pos_embed(patches, tuple(grid), (side, side), 0)
+        log.info("weights: position embeddings resampled from %dx%d to %dx%d", side, side, *grid)
+    keep = min(src_prefix, own_prefix)
+    prefix = torch.cat([pe[:, :keep], own[:, keep:own_prefix].to(pe.dtype)], dim=1)
+    if src_prefix != own_prefix:
+        log.info("weights: %d prefix position row(s) in %s, %d in this backbone (%s)", src_prefix, source,
+                 own_prefix, "extra rows dropped" if src_prefix > own_prefix else "missing rows keep their init")
+    return torch.cat([prefix, patches], dim=1)
 
 
 def _init_linear(m: nn.Module) -> None:

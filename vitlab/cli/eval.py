@@ -132,20 +132,27 @@ def _print_table(metrics: dict[str, Any]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    from vitlab.backbones.base import KIND_TEXT
+    from vitlab.checkpoints import NotACheckpointError
     from vitlab.data import DatasetNotFoundError
     from vitlab.layers.attention import set_backend as set_attention_backend
     from vitlab.lit.build import build_datamodule, build_source, load_checkpoint
-    from vitlab.lit.callbacks import atomic_write_text
+    from vitlab.io import atomic_write_text
 
     check_choices(cfg)
     set_attention_backend(cfg.attention_backend)
     if not Path(cfg.ckpt).is_file():
         fail(f"checkpoint not found: {cfg.ckpt}. Give ckpt=PATH to a vitlab .ckpt file "
              "(a run writes checkpoints/last.ckpt and checkpoints/best.ckpt).")
-    module = load_checkpoint(cfg.ckpt)
-    if cfg.protocol != "classifier" and getattr(module.recipe.task, "kind", "") == "diffusion":
-        fail(f"protocol={cfg.protocol} reads an image encoder's features; {cfg.ckpt} is a diffusion denoiser: use "
-             "protocol=classifier (its validation loss and sample metrics) or vitlab-sample")
+    try:
+        module = load_checkpoint(cfg.ckpt)
+    except NotACheckpointError as e:
+        fail(str(e))
+    backbone = module.recipe.backbone
+    if cfg.protocol != "classifier" and backbone.kind != "encoder":
+        fail(f"protocol={cfg.protocol} reads an image encoder's features; {cfg.ckpt} holds {KIND_TEXT[backbone.kind]}"
+             f" ({type(backbone).__name__}): use protocol=classifier (its own task's metrics)"
+             + (" or vitlab-sample" if module.recipe.task.draws_samples else ""))
     run_cfg = OmegaConf.create(module.config)
     if cfg.get("data") is not None:
         data = OmegaConf.merge(cfg.data, {"img_size": run_cfg.data.img_size})
@@ -167,8 +174,8 @@ def evaluate(cfg: DictConfig) -> dict:
                                        f" (protocol={cfg.protocol} needs the train split as its reference set)")
     except (DatasetNotFoundError, FileNotFoundError) as e:
         fail(str(e))
-    if cfg.protocol != "classifier" and getattr(source, "task", "classification") != "classification":
-        fail(f"protocol={cfg.protocol} scores frozen features against image labels; {source.name} is "
+    if cfg.protocol != "classifier" and source.label_kind != "class":
+        fail(f"protocol={cfg.protocol} scores frozen features against one class label per image; {source.name} is "
              f"{source.task} data: use protocol=classifier (the model's own {source.task} head and metrics)")
     if cfg.protocol == "classifier":
         # the model's own head predicts the classes it was trained on; knn / linear work on any labelled data

@@ -45,18 +45,24 @@ def sample_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from vitlab.layers.attention import set_backend as set_attention_backend
-    from vitlab.lit.build import load_checkpoint, load_judge
-    from vitlab.lit.callbacks import atomic_write_text, save_sample_grid
+    from vitlab.checkpoints import NotACheckpointError
+    from vitlab.lit.build import load_checkpoint, load_model
+    from vitlab.tasks.diffusion import load_judge
+    from vitlab.io import atomic_write_text
+    from vitlab.lit.callbacks import save_sample_grid
 
     set_attention_backend(cfg.attention_backend)
     if not Path(cfg.ckpt).is_file():
         fail(f"checkpoint not found: {cfg.ckpt}. Give ckpt=PATH to a task=diffusion run's checkpoints/last.ckpt")
-    module = load_checkpoint(cfg.ckpt)
+    try:
+        module = load_checkpoint(cfg.ckpt)
+    except NotACheckpointError as e:
+        fail(str(e))
     recipe = module.eval_recipe()
     task = recipe.task
-    if getattr(task, "kind", None) != "diffusion":
-        fail(f"{cfg.ckpt} is a {getattr(task, 'kind', 'classification')} checkpoint; vitlab-sample draws from "
-             "task=diffusion runs (evaluate others with vitlab-eval)")
+    if not task.draws_samples:
+        fail(f"{cfg.ckpt} is a {task.kind} checkpoint; vitlab-sample draws from generative tasks (task=diffusion "
+             "runs; evaluate others with vitlab-eval)")
     if task.num_classes == 0:
         fail("this checkpoint is unconditional (no classes); vitlab-sample draws class rows")
     for key, value, low in (("per_class", cfg.per_class, 1), ("max_classes", cfg.max_classes, 1),
@@ -96,7 +102,7 @@ def sample_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     judge = None
     if classifier:
         try:
-            judge = load_judge(classifier, task.num_classes)
+            judge = load_judge(classifier, task.num_classes, load_model)
         except (ValueError, FileNotFoundError) as e:
             fail(str(e).replace("task.classifier", "classifier"))
     labels = torch.arange(task.num_classes).repeat_interleave(n_per)             # (C * n,) balanced

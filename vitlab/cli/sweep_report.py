@@ -11,7 +11,6 @@ writes it again, e.g. while a sweep is still running or after one stopped early.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -22,7 +21,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vitlab.cli.common import fail
-from vitlab.sweep.report import JOB_STATUS, _atomic_write, _job_label, summarize, write_summary
+from vitlab.io import atomic_write_json
+from vitlab.cli.sweep_summary import JOB_STATUS, _job_label, summarize, write_summary
 
 log = logging.getLogger("vitlab")
 
@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--top", type=int, default=5, help="how many of the best jobs to print (default: 5)")
     args = p.parse_args(argv)
 
-    from vitlab.sweep.report import NoJobsError, summarize, write_summary
+    from vitlab.cli.sweep_summary import NoJobsError, summarize, write_summary
 
     try:
         summary = summarize(args.dir, args.metric, args.mode)
@@ -97,7 +97,7 @@ class SweepReportCallback(Callback):
                 else:                               # a sweeper's objective is NaN: the Optuna sweeper fails the trial
                     record.update(status="failed", error=f"the job returned {value}")
             out = Path(config.hydra.runtime.output_dir)
-            _atomic_write(out / JOB_STATUS, (json.dumps(record, indent=1) + "\n").encode())
+            atomic_write_json(out / JOB_STATUS, record, indent=1, sort_keys=False)
         except Exception as e:
             log.warning("sweep report: could not write %s: %s", JOB_STATUS, e)
 

@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict:
     """Build and run one training job; return its final metrics (also in metrics.json)."""
     from vitlab.data import CorruptDataError, DataConfigError, DatasetNotFoundError
     from vitlab.lit.build import build_run
-    from vitlab.lit.callbacks import atomic_write_text
+    from vitlab.io import atomic_write_text
     from vitlab.lit.environment import EnvironmentRecord
 
     # The run directory Hydra made is the one every process writes to (the other ranks get rank 0's config).
@@ -48,7 +48,8 @@ def train(cfg: DictConfig) -> dict:
         run = build_run(cfg)
     except (DatasetNotFoundError, FileNotFoundError, DataConfigError) as e:
         fail(str(e))
-    except (ValueError, InstantiationException) as e:    # a value a builder refused (it names the key and the fix)
+    except (ValueError, TypeError, InstantiationException) as e:    # a value a builder refused (it names the key
+        # and the fix), or a key a constructor does not take (``+task.foo=1``)
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         fail(f"{cause} (while building the run)")
     try:

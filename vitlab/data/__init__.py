@@ -1,7 +1,7 @@
 """Data sources, transforms and splits. Never imports models or Lightning."""
 
-from vitlab.data.base import (SPLITS, ClassificationSource, CorruptDataError, DataConfigError, DatasetNotFoundError,
-                              DataSource, DictDataset, seeded_split)
+from vitlab.data.base import (SPLITS, ClassificationSource, CorruptDataError, DataConfigError, DataInfo,
+                              DatasetNotFoundError, DataSource, DictDataset, seeded_split)
 from vitlab.data.cifar import CIFAR
 from vitlab.data.dense import DenseDataset, DenseSource
 from vitlab.data.detection import COCODetection, DetectionSource, VOCDetection, detection_collate
@@ -16,7 +16,7 @@ from vitlab.data.multicrop import MultiCropTransform
 from vitlab.data.segmentation import ADE20K, CamVid, SegFolder, SegmentationSource, segmentation_collate
 from vitlab.data.transforms import build_transforms
 
-__all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DataSource", "DatasetNotFoundError",
+__all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DataInfo", "DataSource", "DatasetNotFoundError",
            "DictDataset", "SPLITS", "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset",
            "HFImageDataset", "ImageFolder", "ImageNet", "MNIST", "MultiCropTransform", "build_mixup", "build_transforms",
            # detection and segmentation

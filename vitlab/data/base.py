@@ -8,9 +8,11 @@ transform and yields the batch dicts every path in vitlab uses:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +43,67 @@ def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarr
     return out
 
 
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know of its data, from the source and ``data.img_size``: the task family the data is
+    for (``task``: classification, multilabel, detection, segmentation), the classes, channels and normalisation,
+    and for dense data the ignore index and palette. Tasks are built from it (``Task.from_data``), and every
+    checkpoint stores it (:meth:`to_dict`, under ``data_info``) so ``vitlab.load`` rebuilds the task alone."""
+
+    num_classes: int
+    in_chans: int = 3
+    name: str = "?"
+    task: str = "classification"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    img_size: Optional[int] = None
+    class_names: Optional[tuple[str, ...]] = None
+    ignore_index: Optional[int] = None
+    palette: Optional[tuple[tuple[int, int, int], ...]] = None
+
+    @classmethod
+    def from_source(cls, source: "DataSource", img_size: Optional[int] = None) -> "DataInfo":
+        names = source.class_names
+        return cls(num_classes=int(source.num_classes), in_chans=int(source.in_chans), name=str(source.name),
+                   task=str(source.task), mean=tuple(float(m) for m in source.mean),
+                   std=tuple(float(v) for v in source.std), img_size=None if img_size is None else int(img_size),
+                   class_names=None if names is None else tuple(str(n) for n in names),
+                   ignore_index=None if source.ignore_index is None else int(source.ignore_index),
+                   palette=None if source.palette is None else tuple(tuple(int(c) for c in rgb[:3])
+                                                                     for rgb in source.palette))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], img_size: Optional[int] = None) -> "DataInfo":
+        """A checkpoint's ``data_info`` (older checkpoints lack some keys: their defaults apply)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        for key in ("mean", "std", "class_names"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "palette" in kw:
+            kw["palette"] = tuple(tuple(int(c) for c in rgb) for rgb in kw["palette"])
+        if img_size is not None:
+            kw["img_size"] = int(img_size)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (lists, no None values): what checkpoints store under ``data_info``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "palette":
+                v = [list(rgb) for rgb in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    def replace(self, **changes: Any) -> "DataInfo":
+        return dataclasses.replace(self, **changes)
+
+
 class DataSource:
     """What every data source provides: where its splits are and a dataset per split. ``task`` names the task
     family the data is for (classification here; detection / segmentation: :class:`vitlab.data.dense.DenseSource`).
@@ -52,7 +115,9 @@ class DataSource:
     in_chans: int = 3
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    class_names: list[str]
+    class_names: Optional[list[str]] = None
+    ignore_index: Optional[int] = None               # dense data: the label value that is not scored
+    palette: Optional[Sequence[Sequence[int]]] = None   # dense data: a colour per class for drawn predictions
     splits: tuple[str, ...] = SPLITS
 
     def check(self) -> None:
@@ -75,6 +140,27 @@ class DataSource:
 
     def _load(self, split: str) -> Dataset:
         raise NotImplementedError
+
+    # -- what the data module asks of every source (no source kind is branched on outside the data package) --
+    #: what a label is: ``"class"`` (one class index per image), ``"multi_hot"`` (a set of classes per image, a (C,)
+    #: 0/1 vector) or ``"dense"`` (boxes or masks). Image-level labels ("class", "multi_hot") let batch-level
+    #: augmentation mix images and labels (mixup / cutmix) and allow in-memory batched and repeated augmentation;
+    #: dense targets are augmented jointly with their images. The frozen-feature protocols (kNN, linear probe)
+    #: score "class" labels.
+    label_kind: str = "class"
+
+    def build_transform(self, train: bool, img_size: int, **augment: Any) -> Callable:
+        """The per-sample transform of a split (``data.augment`` options): vitlab's classification pipeline."""
+        from vitlab.data.transforms import build_transforms
+
+        return build_transforms(train, img_size, self.mean, self.std, **augment)
+
+    def wrap(self, dataset: Dataset, transform: Optional[Callable]) -> Dataset:
+        """A split's raw dataset + its transform -> the dataset of batch dicts the loaders read."""
+        return DictDataset(dataset, transform)
+
+    #: the loaders' collate function for this data (None: PyTorch's default, which stacks images and labels)
+    collate: Optional[Callable[[list], Any]] = None
 
 
 class ClassificationSource(DataSource):

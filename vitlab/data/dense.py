@@ -44,9 +44,13 @@ class DenseSource(DataSource):
     task: str = "?"                                   # "detection" | "segmentation"
     ignore_index: Optional[int] = None
     palette: Optional[Sequence[Sequence[int]]] = None
+    label_kind = "dense"                              # boxes / masks: augmented jointly with their images
 
     def build_transform(self, train: bool, img_size: int, **augment: Any) -> Callable[[dict], dict]:
         raise NotImplementedError
+
+    def wrap(self, dataset: Dataset, transform: Optional[Callable[[dict], dict]]) -> Dataset:
+        return DenseDataset(dataset, transform)
 
     def collate(self, samples: list[dict]) -> dict:
         raise NotImplementedError

@@ -191,6 +191,8 @@ def _read_classes(classes: str | Sequence[str]) -> list[str]:
 class FileList(ClassificationSource):
     """Splits given as list files of (image path, label); see the module docstring for the formats."""
 
+    dataset_class: Callable[..., Dataset] = FileDataset       # (paths, labels) -> the split's dataset
+
     def __init__(self, train_list: str, val_list: str | None = None, test_list: str | None = None,
                  root: str | None = None, path_column: str = "path", label_column: str = "label",
                  classes: str | Sequence[str] | None = None, num_classes: int | None = None,
@@ -256,10 +258,14 @@ class FileList(ClassificationSource):
         self._class_names = names
         return to_index
 
-    def _parse(self) -> dict[str, tuple[list[str], np.ndarray]]:
-        """Read every given list, map labels, and check that every listed file exists. Cached."""
-        if self._parsed is not None:
-            return self._parsed
+    # -- reading the lists: each step a method, so a reader of other labels (vitlab.data.multilabel) reuses them --
+    def _read(self, split: str) -> list[tuple[str, Any]]:
+        """(path as written, raw label) rows of a split's list."""
+        file = self._file(split)
+        return read_list(file, self.path_column, self.label_column, self._resolver(file))
+
+    def _raw_lists(self) -> dict[str, list[tuple[str, Any]]]:
+        """Every given list's rows; a missing list file or an empty train list stops with the fix."""
         raw: dict[str, list[tuple[str, Any]]] = {}
         for split in ("train", "val", "test"):
             if not self.lists[split]:
@@ -270,30 +276,53 @@ class FileList(ClassificationSource):
                     f"the {split} list {file} does not exist. Point data.source.{split}_list at a CSV/JSON/JSONL/TXT "
                     f"file of (path, label) rows" + (" (or set data.root to the folder that holds train.csv)"
                                                      if split == "train" else "") + ".")
-            raw[split] = read_list(file, self.path_column, self.label_column, self._resolver(file))
+            raw[split] = self._read(split)
         if not raw["train"]:
             raise DatasetNotFoundError(f"the train list {self._file('train')} lists no images")
-        to_index = self._label_space([v for _, v in raw["train"]])
+        return raw
+
+    def _label_values(self, rows: list[tuple[str, Any]]) -> list[Any]:
+        """The raw label values of rows (one per row here), from which the train list fixes the class space."""
+        return [v for _, v in rows]
+
+    def _unknown_labels(self, split: str, bad: list[Any]) -> DatasetNotFoundError:
+        known = ", ".join(self._class_names[:10]) + (" ..." if len(self._class_names) > 10 else "")
+        return DatasetNotFoundError(
+            f"{len(bad)} label(s) in the {split} list {self._file(split)} are unknown to the train list, e.g. "
+            f"{', '.join(map(repr, bad[:_SHOW]))} (classes: {known}). Fix the labels, or give all classes "
+            "with data.source.classes.")
+
+    def _encode(self, split: str, rows: list[tuple[str, Any]], to_index: Callable[[Any], int | None]) -> np.ndarray:
+        """The split's labels as class indices (N,)."""
+        labels = [to_index(v) for _, v in rows]
+        bad = [v for (_, v), i in zip(rows, labels) if i is None]
+        if bad:
+            raise self._unknown_labels(split, bad)
+        return np.asarray(labels, dtype=np.int64)
+
+    def _paths(self, split: str, rows: list[tuple[str, Any]]) -> list[str]:
+        """The rows' image files, resolved; every one must exist."""
+        file, resolve = self._file(split), self._resolver(self._file(split))
+        paths = [str(resolve(p)) for p, _ in rows]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            base = self.root if self.root is not None else file.parent
+            raise DatasetNotFoundError(
+                f"{len(missing)} of {len(paths)} images listed in {file} do not exist, e.g. "
+                f"{', '.join(missing[:_SHOW])} (relative paths resolve against {base}). Fix the list, or set "
+                "data.root (data.source.root) to the folder the paths are relative to.")
+        return paths
+
+    def _parse(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        """Read every given list, map labels, and check that every listed file exists. Cached."""
+        if self._parsed is not None:
+            return self._parsed
+        raw = self._raw_lists()
+        to_index = self._label_space(self._label_values(raw["train"]))
         parsed = {}
         for split, rows in raw.items():
-            file, resolve = self._file(split), self._resolver(self._file(split))
-            labels = [to_index(v) for _, v in rows]
-            bad = [v for v, i in zip((v for _, v in rows), labels) if i is None]
-            if bad:
-                known = ", ".join(self._class_names[:10]) + (" ..." if len(self._class_names) > 10 else "")
-                raise DatasetNotFoundError(
-                    f"{len(bad)} label(s) in the {split} list {file} are unknown to the train list, e.g. "
-                    f"{', '.join(map(repr, bad[:_SHOW]))} (classes: {known}). Fix the labels, or give all classes "
-                    "with data.source.classes.")
-            paths = [str(resolve(p)) for p, _ in rows]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                base = self.root if self.root is not None else file.parent
-                raise DatasetNotFoundError(
-                    f"{len(missing)} of {len(paths)} images listed in {file} do not exist, e.g. "
-                    f"{', '.join(missing[:_SHOW])} (relative paths resolve against {base}). Fix the list, or set "
-                    "data.root (data.source.root) to the folder the paths are relative to.")
-            parsed[split] = (paths, np.asarray(labels, dtype=np.int64))
+            labels = self._encode(split, rows, to_index)
+            parsed[split] = (self._paths(split, rows), labels)
         self._parsed = parsed
         return parsed
 
@@ -309,11 +338,11 @@ class FileList(ClassificationSource):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _load(self, split: str) -> FileDataset:
+    def _load(self, split: str) -> Dataset:
         parsed = self._parse()
         if split == "test" or self.lists["val"]:
-            return FileDataset(*parsed[split])
+            return self.dataset_class(*parsed[split])
         paths, labels = parsed["train"]                    # no val list: a seeded split of train
         val, train = seeded_split(len(paths), [self.val_fraction], self.split_seed)
         idx = train if split == "train" else val
-        return FileDataset([paths[i] for i in idx], labels[idx])
+        return self.dataset_class([paths[i] for i in idx], labels[idx])

@@ -18,7 +18,6 @@ arrays and tensors (CIFAR, digits) are stored as lossless PNG of their uint8 pix
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 
 from vitlab.data.base import SPLITS, ClassificationSource, DatasetNotFoundError, file_of, is_folder, locate
 from vitlab.data.base import CorruptDataError as BaseCorruptDataError
+from vitlab.io import atomic_write_json
 
 log = logging.getLogger("vitlab")
 
@@ -176,12 +176,6 @@ def _prepare_output_dir(out: Path, overwrite: bool) -> None:
         p.unlink(missing_ok=True)
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + _PARTIAL)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_split(dataset: Dataset, split: str, out: Path, num_classes: int, max_count: int, max_size: float,
                  verify: bool, progress: bool, partials: list[Path]) -> dict:
     """Write one split as ``{split}-%06d.tar.partial`` files (appended to ``partials``); return its info."""
@@ -263,6 +257,9 @@ def write_shards(source: ClassificationSource, output_dir: str | os.PathLike, sp
         overwrite: replace the shards already in ``output_dir`` (otherwise that is an error).
         progress: show a tqdm bar per split.
     """
+    if source.label_kind != "class":
+        raise ValueError(f"vitlab-shards writes one class label per image (a .cls member); {source.name} is "
+                         f"{source.task} data ({source.label_kind} labels): train from its files directly")
     splits = list(splits)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -300,8 +297,8 @@ def write_shards(source: ClassificationSource, output_dir: str | os.PathLike, sp
             raise DatasetNotFoundError(f"every requested split of {source.name} is empty; nothing was written")
         for p in partials:                                    # all splits done: publish the shards
             os.replace(p, p.with_name(p.name[:-len(_PARTIAL)]))
-        _atomic_write_json(out / "classes.json", class_names)
-        _atomic_write_json(out / "info.json", info)           # last: its presence means the set is complete
+        atomic_write_json(out / "classes.json", class_names, sort_keys=False)
+        atomic_write_json(out / "info.json", info, sort_keys=False)           # last: its presence means the set is complete
     except BaseException:
         for p in partials:
             p.unlink(missing_ok=True)

@@ -12,19 +12,23 @@ from vitlab.layers.attention import (
     use_backend,
     varlen_attention,
 )
+from vitlab.layers.block import Attention, Block
 from vitlab.layers.drop_path import DropPath, linear_drop_path_rates
 from vitlab.layers.layer_scale import LayerScale
 from vitlab.layers.mlp import Mlp
-from vitlab.layers.patch_embed import PatchEmbed
+from vitlab.layers.patch_embed import PatchEmbed, to_2tuple
 from vitlab.layers.pos_embed import (
     RotaryEmbedding2D,
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
 )
+from vitlab.layers.window import window_partition, window_shape, window_unpartition
 
 __all__ = [
+    "Attention",
     "BACKENDS",
     "Backend",
+    "Block",
     "DropPath",
     "LabelEmbedder",
     "LayerScale",
@@ -43,5 +47,9 @@ __all__ = [
     "sincos_2d_pos_embed",
     "timestep_embedding",
     "use_backend",
+    "to_2tuple",
     "varlen_attention",
+    "window_partition",
+    "window_shape",
+    "window_unpartition",
 ]

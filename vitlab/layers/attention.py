@@ -2,8 +2,9 @@
 
 Every transformer block calls :func:`attention` (or :func:`varlen_attention` for packed
 variable-length sequences). The backend is chosen here and can be overridden globally
-(:func:`set_backend`, or the ``VITLAB_ATTN_BACKEND`` environment variable), for a block of code
-(:func:`use_backend`) or per call (``backend=``):
+(:func:`set_backend`: the entry points call it with the config's ``attention_backend``, once, before building
+the model), for a block of code (:func:`use_backend`) or per call (``backend=``). Nothing is read from the
+environment at import time: a process that never calls :func:`set_backend` runs ``sdpa``.
 
 - ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``; torch picks the
   kernel (flash / cuDNN / memory-efficient / math on GPU; flash or math on CPU).
@@ -28,7 +29,7 @@ logged at INFO, e.g. ``attention backend: sdpa -> kernel flash (default)``.
 
 torch.compile: while dynamo traces (``torch.compiler.is_compiling()``), the kernel probe, the
 record and the log are skipped, so a compiled model has no graph breaks here; compiled calls do
-not appear in :func:`kernel_record` (use the profiler, e.g. ``vitlab.cli.bench_attention.
+not appear in :func:`kernel_record` (use the profiler, e.g. ``vitlab.cli.bench.attention.
 attention_ops_ran``, to see the kernels of a compiled model).
 """
 
@@ -39,7 +40,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -62,9 +62,8 @@ SDPA_KERNELS: dict[str, tuple[str, str]] = {
 _FIX = ("use attention_backend=sdpa or auto (backend='sdpa' / 'auto' in code), which pick a kernel that can run "
         "on these inputs")
 
-_ENV = os.environ.get("VITLAB_ATTN_BACKEND")
-_backend: str = _ENV or "sdpa"
-_source: str = "set by VITLAB_ATTN_BACKEND" if _ENV else "default"
+_backend: str = "sdpa"
+_source: str = "default"
 _logged: set[tuple] = set()
 _record: collections.Counter = collections.Counter()
 

@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def to_2tuple(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image size or a grid: 224 -> (224, 224); (h, w) or [h, w] -> (h, w)."""
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches, linearly embedded by a strided convolution.
 

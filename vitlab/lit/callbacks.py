@@ -4,15 +4,11 @@ a progress bar that reads metrics only on logging steps. :class:`HostSyncGuard` 
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -20,51 +16,11 @@ import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
 
+from vitlab.io import atomic_torch_save, atomic_write_json, atomic_write_with
 from vitlab.lit.host_sync import HostSyncGuard, is_logging_step, training_batch_number  # noqa: F401 (re-exported)
+from vitlab.lit.strategies import FSDP
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)              # the only way to read it is to set it; read once, on first write
-    os.umask(mask)
-    return mask
-
-
-def _mkstemp_like_open(path: Path) -> tuple[int, str]:
-    """A temporary file next to ``path`` with the permissions ``open(path, 'w')`` would give it
-    (mkstemp's own 0600 would hide metrics and checkpoints from the rest of a lab group)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-    except BaseException:
-        os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return fd, tmp
-
-
-def _atomic_write(path, mode: str, write: Callable[[Any], None], sync: bool = False) -> None:
-    """Write through ``write(file)`` to a temporary file in the same folder, then rename over ``path``:
-    readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp_like_open(path)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,7 +28,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves the previous checkpoint whole, never a truncated one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
-        _atomic_write(path, "wb", lambda f: torch.save(checkpoint, f), sync=True)
+        atomic_torch_save(path, checkpoint)
 
 
 def _scalar(v: Any) -> Optional[float]:
@@ -81,6 +37,14 @@ def _scalar(v: Any) -> Optional[float]:
     if isinstance(v, (int, float)):
         return float(v)
     return None
+
+
+class PeriodicMetrics(pl.Callback):
+    """A callback that logs validation metrics only every few epochs (the kNN monitor): :meth:`stale_keys` names
+    the ones it did not refresh at this validation, which :class:`RunArtifacts` leaves out of the epoch's row."""
+
+    def stale_keys(self, trainer: pl.Trainer) -> set[str]:
+        return set()
 
 
 class RunArtifacts(pl.Callback):
@@ -93,6 +57,7 @@ class RunArtifacts(pl.Callback):
         self._pending: list[tuple[int, Any]] = []          # (step, loss on the device) not yet read back
         self.epochs: list[dict] = []
         self.final: dict[str, Any] = {}
+        self.curves: list[str] = ["top1", "top5"]        # the task's curve_metrics, read at fit start
         self._t0 = time.time()
         self._epoch_t0 = time.time()
         self._images = 0
@@ -131,6 +96,10 @@ class RunArtifacts(pl.Callback):
             floats = [float(v) for v in values]
         self.steps.extend(zip(steps, floats, strict=True))
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the task's declared headline metrics go on the right-hand plot (Task.curve_metrics)
+        self.curves = list(pl_module.recipe.task.curve_metrics)
+
     def on_validation_end(self, trainer, pl_module) -> None:
         # after the module's on_validation_epoch_end: the dense tasks' epoch metrics (mAP, mIoU) are logged there,
         # and Lightning calls the callbacks' on_validation_epoch_end before the module's
@@ -139,7 +108,7 @@ class RunArtifacts(pl.Callback):
         self._flush()
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         # metrics computed only every few epochs (the kNN monitor) would otherwise repeat their last value
-        stale = set().union(*(cb.stale_keys(trainer) for cb in trainer.callbacks if hasattr(cb, "stale_keys")))
+        stale = set().union(*(cb.stale_keys(trainer) for cb in trainer.callbacks if isinstance(cb, PeriodicMetrics)))
         for k, v in trainer.callback_metrics.items():
             s = _scalar(v)
             if s is not None and k not in stale and (k.startswith("val/") or k == "train/loss_epoch"):
@@ -191,9 +160,9 @@ class RunArtifacts(pl.Callback):
         if not trainer.is_global_zero:
             return
         self._flush()
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.final, indent=2, sort_keys=True))
-        atomic_write_text(self.output_dir / "history.json",
-                          json.dumps({"steps": self.steps, "epochs": self.epochs}, indent=1))
+        atomic_write_json(self.output_dir / "metrics.json", self.final)
+        atomic_write_json(self.output_dir / "history.json", {"steps": self.steps, "epochs": self.epochs}, indent=1,
+                          sort_keys=False)
         self._save_plot()
 
     def _save_plot(self) -> None:
@@ -212,11 +181,8 @@ class RunArtifacts(pl.Callback):
         if ep:
             axes[0].plot([e["step"] for e in ep], [e["val/loss"] for e in ep], "o-", label="val loss")
         axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].legend(), axes[0].grid(alpha=0.3)
-        for key, style, label in (("val/top1", "o-", "val top-1"), ("val/top5", "s--", "val top-5"),
-                                  ("val/knn_top1", "^-", "val kNN top-1"), ("val/map", "o-", "val mAP"),
-                                  ("val/map_50", "s--", "val mAP@0.5"), ("val/miou", "o-", "val mIoU"),
-                                  ("val/pixel_acc", "s--", "val pixel accuracy"),
-                                  ("val/sample_acc", "o-", "val samples' accuracy (judge)")):
+        curves = [(f"val/{name}", "o-" if i == 0 else "s--", f"val {name}") for i, name in enumerate(self.curves)]
+        for key, style, label in curves + [("val/knn_top1", "^-", "val kNN top-1")]:
             acc = [e for e in self.epochs if key in e]
             if acc:
                 axes[1].plot([e["epoch"] + 1 for e in acc], [100 * e[key] for e in acc], style, label=label,
@@ -225,8 +191,10 @@ class RunArtifacts(pl.Callback):
         if axes[1].get_legend_handles_labels()[0]:
             axes[1].legend()
         fig.tight_layout()
-        _atomic_write(self.output_dir / "curves.png", "wb", lambda f: fig.savefig(f, dpi=110, format="png"))
-        plt.close(fig)
+        try:
+            atomic_write_with(self.output_dir / "curves.png", lambda f: fig.savefig(f, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
 
 
 class SaveVisuals(pl.Callback):
@@ -253,15 +221,21 @@ class SaveVisuals(pl.Callback):
         batch, self._batch = self._batch, None
         if batch is None or not self._due(trainer):
             return
-        recipe = pl_module.eval_recipe() if hasattr(pl_module, "eval_recipe") else pl_module.recipe
+        if isinstance(trainer.strategy, FSDP):
+            # a sharded model's forward is collective: rank 0 alone would wait forever for the others
+            if not getattr(self, "_warned", False):
+                log.warning("visuals: none under trainer=fsdp (the model is sharded)")
+                self._warned = True
+            return
+        recipe = pl_module.eval_recipe()
         with torch.no_grad():
             pictures = recipe.visualize(batch)
         if not pictures:
             return
-        source = getattr(trainer.datamodule, "source", None)
+        data = pl_module.data_info                      # the data's normalisation, stored with the model
         for name, rows in pictures.items():
             path = self.output_dir / f"{name}_epoch{trainer.current_epoch + 1:03d}.png"
-            save_image_rows(rows, path, getattr(source, "mean", None), getattr(source, "std", None))
+            save_image_rows(rows, path, data.get("mean"), data.get("std"))
             log.info("saved %s", path)
 
 
@@ -290,7 +264,8 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
 
 
 class SampleGrid(pl.Callback):
-    """Sample grids of a diffusion task (task=diffusion; inactive for other tasks): one row per class (the first
+    """Sample grids of a generative task (``Task.draws_samples``: task=diffusion; inactive for other tasks): one row
+    per class (the first
     ``max_classes``), ``per_class`` samples each, from the evaluated weights (the EMA copy) with the task's sampler
     and guidance, every ``every_n_steps`` optimizer steps and when training ends, as
     ``<output_dir>/step_NNNNNNN.png``. The noise is fixed (``seed``), so grids of successive steps show the same
@@ -308,9 +283,8 @@ class SampleGrid(pl.Callback):
 
     @staticmethod
     def _task(pl_module) -> Any:
-        recipe = pl_module.eval_recipe() if hasattr(pl_module, "eval_recipe") else pl_module.recipe
-        task = getattr(recipe, "task", None)
-        return recipe, task if getattr(task, "kind", None) == "diffusion" else None
+        recipe = pl_module.eval_recipe()
+        return recipe, recipe.task if recipe.task.draws_samples else None       # the task's declaration
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -326,7 +300,7 @@ class SampleGrid(pl.Callback):
         recipe, task = self._task(pl_module)
         if task is None or not trainer.is_global_zero:
             return None
-        if getattr(trainer.strategy, "shard", None) is not None and recipe is pl_module.recipe:
+        if isinstance(trainer.strategy, FSDP) and recipe is pl_module.recipe:
             # a sharded model's forward is collective: rank 0 alone would wait forever for the others
             if not getattr(self, "_warned", False):
                 log.warning("diffusion_samples: no grids under trainer=fsdp (the model is sharded); draw them from "
@@ -342,19 +316,13 @@ class SampleGrid(pl.Callback):
 
 def save_sample_grid(task: Any, backbone: torch.nn.Module, path: Path, per_class: int = 8, max_classes: int = 10,
                      seed: int = 0, device: Optional[torch.device] = None, **options: Any) -> torch.Tensor:
-    """Draw ``per_class`` samples for each of the first ``max_classes`` classes (sample seeds seed, seed + 1, ...)
-    and save them as a PNG grid, a row per class; returns the samples (n, C, H, W) in [0, 1]. ``options`` go to
-    ``task.generate`` (sampler, steps, guidance)."""
-    classes = min(max_classes, task.num_classes)
-    labels = torch.arange(classes).repeat_interleave(per_class).to(device or "cpu")
-    training = backbone.training
-    backbone.eval()                     # no drop-path / dropout while sampling
-    try:
-        samples = task.generate(backbone, labels, seeds=[seed + i for i in range(len(labels))], **options)
-    finally:
-        backbone.train(training)
-    save_image_rows(list(samples.cpu().split(per_class)), path)
-    return samples
+    """A generative task's rows of samples (:meth:`vitlab.tasks.base.Task.sample_rows`: a row per class, sample
+    seeds seed, seed + 1, ...) saved as a PNG grid; returns the samples (n, C, H, W) in [0, 1]. ``options`` go to
+    the task's sampler (sampler, steps, guidance)."""
+    rows = task.sample_rows(backbone, per_class=per_class, max_classes=max_classes, seed=seed, device=device,
+                            **options)
+    save_image_rows(rows, path)
+    return torch.cat(rows)
 
 
 def save_image_rows(rows: Sequence[torch.Tensor], path: Path, mean: Optional[Sequence[float]] = None,
@@ -377,7 +345,7 @@ def save_image_rows(rows: Sequence[torch.Tensor], path: Path, mean: Optional[Seq
     scale = max(1, 64 // max(1, rows[0].shape[-1]))                        # small images: upscale for viewing
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    _atomic_write(Path(path), "wb", lambda f: torchvision.utils.save_image(grid, f, format="png"))
+    atomic_write_with(path, lambda f: torchvision.utils.save_image(grid, f, format="png"))
 
 
 def _pad_rows(r: torch.Tensor, n: int) -> torch.Tensor:

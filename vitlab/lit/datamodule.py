@@ -28,8 +28,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
-from vitlab.data import ClassificationSource, DictDataset, build_mixup, build_transforms
+from vitlab.data import DataSource, build_mixup
 from vitlab.data.base import CorruptDataError, DataConfigError
+from vitlab.data.webdataset import ShardStream
 
 log = logging.getLogger("vitlab")
 
@@ -59,7 +60,7 @@ class StreamLoader(DataLoader):
     """
 
     def __len__(self) -> int:
-        if isinstance(self.dataset, IterableDataset) and hasattr(self.dataset, "num_batches"):
+        if isinstance(self.dataset, ShardStream):
             return int(self.dataset.num_batches)
         return super().__len__()
 
@@ -94,7 +95,7 @@ class ResumableLoader(StreamLoader):
             self.dataset.set_epoch(epoch)
             self.dataset.set_start_batch(start)
         else:
-            if hasattr(self.sampler, "set_epoch"):
+            if isinstance(self.sampler, (_SkippingSampler, DistributedSampler)):
                 self.sampler.set_epoch(epoch)
             if isinstance(self.sampler, _SkippingSampler):
                 self.sampler.skip = start * int(self.batch_size or 1)
@@ -134,7 +135,7 @@ class VitlabDataModule(pl.LightningDataModule):
     the ranks' batches at a step is the one-process batch of N x the size).
     """
 
-    def __init__(self, source: ClassificationSource, img_size: int, batch_size: int, num_workers: int = 0,
+    def __init__(self, source: DataSource, img_size: int, batch_size: int, num_workers: int = 0,
                  augment: Optional[dict] = None, seed: int = 0, eval_batch_size: Optional[int] = None,
                  pin_memory: bool = False, drop_last: bool = True, mixup: Optional[dict] = None,
                  repeated_aug: int = 0, batched_augment: bool = False, max_corrupt_fraction: float = 0.01,
@@ -160,15 +161,14 @@ class VitlabDataModule(pl.LightningDataModule):
         if train_transform is not None and self.batched_augment:
             raise DataConfigError("this recipe brings its own training transform (e.g. DINO's multi-crop), which "
                                   "runs per image in the loader: set data.batched_augment=false")
-        # detection / segmentation data brings its own joint image + box / mask transforms and batching
-        self.dense = callable(getattr(source, "build_transform", None))
-        if self.dense:
-            kind = getattr(source, "task", "dense")
+        # detection / segmentation data brings its own joint image + box / mask transforms and batching (the
+        # source's build_transform, wrap and collate): nothing that mixes or batches images alone applies to it
+        if source.label_kind == "dense":
             if mixup and (mixup.get("mixup_alpha") or mixup.get("cutmix_alpha")):
-                raise DataConfigError(f"mixup / cutmix mix image labels; {kind} data has boxes or masks: set "
+                raise DataConfigError(f"mixup / cutmix mix image labels; {source.task} data has boxes or masks: set "
                                       "data.mixup.mixup_alpha=0 and data.mixup.cutmix_alpha=0")
             if self.batched_augment or self.repeated_aug > 1:
-                raise DataConfigError(f"{kind} data is augmented per image with its boxes / masks: set "
+                raise DataConfigError(f"{source.task} data is augmented per image with its boxes / masks: set "
                                       "data.batched_augment=false and data.repeated_aug=0")
             mixup = None
         self.mixup = None
@@ -177,6 +177,7 @@ class VitlabDataModule(pl.LightningDataModule):
         if self.mixup is not None and batch_size % 2:
             raise DataConfigError(f"mixup/cutmix pair images within a batch, so data.batch_size must be even "
                                   f"(got {batch_size}); change it or turn data.mixup off")
+        self.eval_split = "test"                   # the split trainer.test reads (vitlab-eval sets it)
         self.datasets: dict[str, Any] = {}
         self._batch_augment: dict[bool, torch.nn.Module] = {}
         self._epoch_size: dict[str, int] = {}
@@ -204,11 +205,7 @@ class VitlabDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> Any:
         if split not in self.datasets:
             base = self.source.dataset(split)
-            if self.dense:
-                from vitlab.data.dense import DenseDataset
-
-                self.datasets[split] = DenseDataset(base, self._transform(split == "train"))
-            elif self.batched_augment:
+            if self.batched_augment:
                 self.datasets[split] = self._in_memory(base, split)
             else:
                 tf = self._transform(split == "train")
@@ -216,15 +213,14 @@ class VitlabDataModule(pl.LightningDataModule):
                     base.transform, base.seed = tf, self.seed
                     self.datasets[split] = base
                 else:
-                    self.datasets[split] = DictDataset(base, tf)
+                    self.datasets[split] = self.source.wrap(base, tf)
         return self.datasets[split]
 
     def _transform(self, train: bool) -> Callable:
-        if self.dense:
-            return self.source.build_transform(train, self.img_size, **self.augment)
+        """A recipe's or task's own training transform when it brings one, else the source's for the split."""
         if train and self.train_transform is not None:
             return self.train_transform
-        return build_transforms(train, self.img_size, self.source.mean, self.source.std, **self.augment)
+        return self.source.build_transform(train, self.img_size, **self.augment)
 
     def eval_loader(self, split: str, batch_size: Optional[int] = None, max_samples: Optional[int] = None,
                     num_workers: Optional[int] = None) -> DataLoader:
@@ -233,29 +229,19 @@ class VitlabDataModule(pl.LightningDataModule):
         ``max_samples`` keeps that many, evenly spaced over the split (map-style data); shards yield all (the
         reader stops early)."""
         base = self.source.dataset(split)
-        tf = self._transform(False) if self.dense else \
-            build_transforms(False, self.img_size, self.source.mean, self.source.std, **self.augment)
+        tf = self._transform(False)
         bs = int(batch_size or self.eval_batch_size)
         workers = self.num_workers if num_workers is None else num_workers
         if isinstance(base, IterableDataset):
             base.transform, base.seed = tf, self.seed
             base.configure(batch_size=bs, world_size=1, rank=0, num_workers=workers, drop_last=False)
             return StreamLoader(base, batch_size=bs, num_workers=workers, drop_last=False)
-        if self.dense:
-            from vitlab.data.dense import DenseDataset
-
-            ds: Any = DenseDataset(base, tf)
-        else:
-            ds = DictDataset(base, tf)
+        ds: Any = self.source.wrap(base, tf)
         if max_samples is not None and max_samples < len(ds):
             idx = torch.linspace(0, len(ds) - 1, int(max_samples)).round().long().unique().tolist()
             ds = torch.utils.data.Subset(ds, idx)
         return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, drop_last=False,
-                          persistent_workers=False, collate_fn=self._collate())
-
-    def _collate(self) -> Optional[Callable]:
-        """Dense data batches lists of boxes and pads images / masks: the source's collate."""
-        return self.source.collate if self.dense else None
+                          persistent_workers=False, collate_fn=self.source.collate)
 
     def _in_memory(self, base: Any, split: str) -> Any:
         from vitlab.data.batched import InMemoryImages
@@ -286,11 +272,11 @@ class VitlabDataModule(pl.LightningDataModule):
                                       f"{world_size} rank(s); lower data.batch_size or write more data")
 
     def _world(self) -> tuple[int, int]:
-        t = getattr(self, "trainer", None)
+        t = self.trainer
         return (t.world_size, t.global_rank) if t is not None else (1, 0)
 
     def _current_epoch(self) -> int:
-        t = getattr(self, "trainer", None)
+        t = self.trainer
         return int(t.current_epoch) if t is not None else 0
 
     # -------------------------------------------------------------- loaders ---
@@ -312,8 +298,8 @@ class VitlabDataModule(pl.LightningDataModule):
         batch_size = self.batch_size if train else self.eval_batch_size
         kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, drop_last=train and self.drop_last)
-        if self.dense:
-            kwargs["collate_fn"] = self._collate()
+        if self.source.collate is not None:                 # dense data: lists of boxes, padded images / masks
+            kwargs["collate_fn"] = self.source.collate
         if isinstance(ds, IterableDataset):
             ds.configure(batch_size=batch_size, world_size=world, rank=rank, num_workers=self.num_workers,
                          drop_last=train and self.drop_last)
@@ -347,16 +333,16 @@ class VitlabDataModule(pl.LightningDataModule):
         return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(getattr(self, "eval_split", "test"))
+        return self.loader(self.eval_split)
 
     # ----------------------------------------------------- batch transforms ---
     def _stage(self) -> str:
-        t = getattr(self, "trainer", None)
+        t = self.trainer
         if t is None or t.training:
             return "train"
         if t.sanity_checking or t.validating:
             return "val"
-        return getattr(self, "eval_split", "test")
+        return self.eval_split
 
     def count_corrupt(self, batch: dict) -> None:
         """Sum the workers' counts of skipped unreadable images; stop past ``max_corrupt_fraction`` of an epoch."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from vitlab.env import environment_record, summary
-from vitlab.lit.callbacks import atomic_write_text
+from vitlab.io import atomic_write_text
 
 log = logging.getLogger("vitlab")
 

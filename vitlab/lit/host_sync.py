@@ -90,6 +90,26 @@ _MASK_INDEX_OPS = (_aten.index, _aten.index_put, _aten.index_put_, _aten._index_
 _CUDA_SYNC_TEXT = "synchronizing CUDA operation"
 
 
+
+def _is_masked_fill(packet: Any, args: tuple, kwargs: dict) -> bool:
+    """``x[mask] = scalar``: ATen's ``index_put_`` runs it as ``masked_fill_`` (no nonzero, no sync) when it is not
+    accumulating, its one index is a boolean mask over ``x``'s leading dimensions on ``x``'s device, and the value
+    is one number on the host (ATen's ``canDispatchToMaskedFill``). Whether Python's ``x[mask] = 1.0`` reaches the
+    dispatcher as ``index_put_`` or as ``masked_fill_`` depends on the torch version (2.14 sends ``index_put_``);
+    either way it stays on the device."""
+    if packet is _aten.index:
+        return False
+    self_, indices = args[0], (args[1] if len(args) > 1 else kwargs.get("indices", ()))
+    value = args[2] if len(args) > 2 else kwargs.get("values")
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    defined = [i for i in indices or () if i is not None]
+    if accumulate or len(defined) != 1 or len(indices) != 1:
+        return False
+    mask = defined[0]
+    return (isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu"
+            and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.device == self_.device
+            and tuple(mask.shape) == tuple(self_.shape[:mask.ndim]))
+
 @dataclass(frozen=True)
 class HostSync:
     """One host synchronisation seen inside the training step.
@@ -119,13 +139,15 @@ def _dir_of(module: Any) -> str:
     return os.path.dirname(module.__file__) + os.sep
 
 
+# the vitlab package's folder (not `import vitlab`: the root package imports vitlab.lit lazily)
+_VITLAB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+
+
 def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]:
     """(torch dirs, Lightning dirs, other library dirs, vitlab dir) for sorting stack frames."""
     import sysconfig
 
     import lightning_fabric
-
-    import vitlab
 
     lightning = [_dir_of(pl), _dir_of(lightning_fabric)]
     try:
@@ -136,7 +158,7 @@ def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], 
         pass
     paths = sysconfig.get_paths()
     libs = {os.path.join(paths[k], "") for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
-    return (_dir_of(torch),), tuple(lightning), tuple(sorted(libs, key=len, reverse=True)), _dir_of(vitlab)
+    return (_dir_of(torch),), tuple(lightning), tuple(sorted(libs, key=len, reverse=True)), _VITLAB_DIR
 
 
 def _short_path(path: str, libs: tuple[str, ...]) -> str:
@@ -390,7 +412,7 @@ class HostSyncGuard(pl.Callback):
         if packet in _MASK_INDEX_OPS:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if self._counts(args[0]) and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                                             for i in indices or ()):
+                                             for i in indices or ()) and not _is_masked_fill(packet, args, kwargs):
                 return "indexing with a boolean mask: the selected size depends on the data (nonzero inside)"
             return None
         if packet is _aten.repeat_interleave and func is _aten.repeat_interleave.Tensor:

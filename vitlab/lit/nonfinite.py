@@ -16,11 +16,16 @@ loss itself was (backward carries a NaN loss into all of them): the report says 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger("vitlab.lit.module")
 
 MAX_INDICES = 256               # sample indices kept per record (the report and the message show the first ones)
 SHOWN_INDICES = 16              # in the error message
@@ -229,3 +234,228 @@ def describe(report: dict) -> str:
     else:
         text += " The gradients of that step were not computed (the run stopped before its backward pass)."
     return text
+
+
+# ------------------------------------------------------------------ the guard ---
+
+POLICIES = ("stop", "skip")
+REPORT_NAME = "nonfinite_report.json"
+
+
+def _batch_size(batch: Any) -> int:
+    image = batch["image"] if isinstance(batch, dict) else None
+    image = image[0] if isinstance(image, (list, tuple)) else image            # multi-crop: a list of views
+    return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
+
+
+class NonFiniteGuard:
+    """What the Lightning module does about non-finite losses and gradients (``fault.nonfinite``), called at a
+    few points of its step: :meth:`after_training_step`, :meth:`before_optimizer_step`, :meth:`decide_step`
+    (skip), :meth:`check` (epoch end, training end, before a checkpoint). Each call is handed the module (for its
+    step, epoch, trainer and the recipe's parameters); the guard holds only its own state.
+
+    - ``stop`` (default): the run stops with :class:`FloatingPointError` and ``<default_root_dir>/nonfinite_report
+      .json`` (written by rank 0), both naming the first bad step, its loss, the rank(s) whose loss went bad, the
+      batch's sample indices and the first layer, in backward order, whose gradient went non-finite. It is noticed
+      on the device at every step (the loss after the training step, the gradients, all-reduced under DDP, before
+      the optimizer step) and read back (one host sync) every ``loss_check_interval`` training batches: None = on
+      the steps where Lightning logs (``trainer.log_every_n_steps``), 1 = every step; also at the end of every
+      epoch and of training, and before any checkpoint is written, so no checkpoint ever holds weights trained on
+      a non-finite loss. Every rank checks at the same points and the flag is all-reduced there, so all ranks stop
+      together. A loss found bad in its own step stops the run after that step's backward (before the update), so
+      its gradients are in the report. Under fp16's GradScaler, non-finite gradients are the scaler's business (it
+      skips those steps and lowers the scale): only a non-finite loss stops the run.
+    - ``skip``: a step whose loss (any micro-batch of the accumulation window) or accumulated gradients are
+      non-finite on any rank is dropped: no optimizer update, no EMA or recipe update, gradients freed; a warning
+      with the same facts (rank 0; the first 10 skips, then every 100th) and ``train/skipped_steps``. One host read
+      per step (and under DDP one all-reduce of a flag): the module runs Lightning's closure itself and asks
+      :meth:`decide_step` before calling the optimizer. The skipped step still counts (``global_step`` and the LR
+      schedule move on, as for the steps fp16's GradScaler skips). More than ``max_skipped_steps`` consecutive
+      skipped steps stop the run with the report. Not with ``optim=sam`` (its step runs the closure twice itself).
+    """
+
+    def __init__(self, policy: str = "stop", max_skipped_steps: int = 20, check_interval: Optional[int] = None):
+        if check_interval is not None and (isinstance(check_interval, bool) or not isinstance(check_interval, int)
+                                           or check_interval < 1):
+            raise ValueError(f"loss_check_interval must be null (check on logging steps) or an integer >= 1, "
+                             f"got {check_interval!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"fault.nonfinite must be stop (end the run with a report) or skip (drop the step), "
+                             f"got {policy!r}; set fault.nonfinite=stop or fault.nonfinite=skip")
+        if isinstance(max_skipped_steps, bool) or not isinstance(max_skipped_steps, int) or max_skipped_steps < 1:
+            raise ValueError(f"fault.max_skipped_steps must be an integer >= 1 (how many steps in a row "
+                             f"fault.nonfinite=skip may drop before the run stops), got {max_skipped_steps!r}; "
+                             "e.g. fault.max_skipped_steps=20")
+        self.policy, self.max_skipped_steps, self.check_interval = policy, max_skipped_steps, check_interval
+        self.tracker = NonFiniteTracker()        # first non-finite loss and gradients, on the loss's device
+        self._window: list[tuple[Optional[torch.Tensor], int]] = []   # (sample indices, size) per micro-batch
+        self._pending: Optional[str] = None     # found in its own step: stop once its gradients are seen
+        # a training step ran since the last check (the same on every rank): a check with nothing new to read is
+        # skipped, so the checkpoint writes after the end-of-epoch check cost no sync and no collective
+        self._unchecked = False
+        self.skipped_total = 0                   # skip: steps dropped since this process started
+        self._streak = 0                         # skip: steps dropped in a row ...
+        self._streak_first: Optional[dict] = None   # ... and the report of the first of them
+
+    # --------------------------------------------------------------- notes ---
+    def note_loss(self, module: Any, loss: torch.Tensor, batch: Optional[dict] = None) -> None:
+        """Record the first non-finite loss (with its batch's sample indices) on the device: tensor ops only, no
+        host sync. The batch joins the accumulation window whose gradients :meth:`note_grads` looks at."""
+        index = batch.get("index") if isinstance(batch, dict) else None
+        index = index if torch.is_tensor(index) else None
+        samples = _batch_size(batch) if isinstance(batch, dict) else 0
+        self._unchecked = True
+        self.tracker.note_loss(loss, module.global_step, module.current_epoch,
+                               None if index is None else [index], samples)
+        if batch is not None:
+            self._window.append((index, samples))
+
+    def note_grads(self, module: Any) -> None:
+        """Record the first non-finite gradients of the recipe (after DDP's all-reduce, fp16's unscaling and the
+        whole accumulation window; before clipping): device ops only. Under fp16's GradScaler only on a step whose
+        loss went bad here: gradient overflow alone is the scaler's to handle."""
+        grads = [p.grad for _, p in module.recipe.named_parameters()]
+        window = self._window
+        parts = None if not window or any(i is None for i, _ in window) else [i for i, _ in window]
+        gate = None
+        if _scaler(module) is not None and self.tracker.loss is not None:
+            gate = self.tracker.loss[0] == module.global_step
+        self._unchecked = True
+        self.tracker.note_grads(grads, module.global_step, module.current_epoch, parts,
+                                sum(n for _, n in window), gate)
+
+    # ------------------------------------------------------- module hooks ---
+    def after_training_step(self, module: Any, loss: torch.Tensor, batch: dict) -> None:
+        """Every training step (micro-batch): note the loss; under ``stop``, check when a check is due."""
+        self.note_loss(module, loss, batch)
+        if self.policy == "stop" and self._check_due(module):
+            self.check(module, self._interval_text(module), defer=True)
+
+    def before_optimizer_step(self, module: Any) -> None:
+        """The window's gradients are ready (``stop``): note them; a loss that went bad in this step stops now."""
+        if self.policy != "stop":
+            return
+        self.note_grads(module)
+        if self._pending is not None:
+            found, self._pending = self._pending, None
+            self.check(module, found)
+
+    def after_optimizer_step(self) -> None:
+        self._window = []
+
+    def check(self, module: Any, where: str, defer: bool = False) -> None:
+        """Raise FloatingPointError (and write the report) if a non-finite training loss or gradient was seen (one
+        host read of the flag; under DDP every rank must call it at the same point). ``defer``: a loss that went bad
+        in the current step stops the run after this step's backward, in :meth:`before_optimizer_step`, so the
+        report can name the first layer with a non-finite gradient. Under ``skip`` every step is decided in
+        :meth:`decide_step` and nothing non-finite reaches the weights: nothing to check here."""
+        if self.policy == "skip" or self.tracker.loss is None or not self._unchecked:
+            return
+        self._unchecked = False
+        if not self._any_rank(module):
+            return
+        report = self._report(module, where)
+        if defer and module._trainer is not None and report["step"] == module.global_step \
+                and self.tracker.inspected_step < module.global_step:
+            self._pending = where
+            return
+        self._stop(module, report, describe(report), HINTS + " Or set fault.nonfinite=skip to drop such steps.")
+
+    def decide_step(self, module: Any, optimizer: torch.optim.Optimizer) -> bool:
+        """``skip``, after the window's backward: True (and the step dropped, its gradients freed) when a loss of the
+        window or the gradients are non-finite on any rank. One host read (+ an all-reduce)."""
+        self.note_grads(module)
+        self._window = []
+        self._unchecked = False
+        if not self._any_rank(module):
+            self._streak, self._streak_first = 0, None
+            return False
+        report = self._report(module, f"at step {module.global_step}, which was skipped (fault.nonfinite=skip)")
+        self.tracker.reset()
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_total += 1
+        self._streak += 1
+        self._streak_first = self._streak_first or report
+        if self._streak > self.max_skipped_steps:
+            first = self._streak_first
+            report = {**first, "consecutive_skipped": self._streak, "last_step": module.global_step,
+                      "skipped_total": self.skipped_total}
+            text = (f"{self._streak} training steps in a row had a non-finite loss or gradients (steps "
+                    f"{first['step']} to {module.global_step}; fault.max_skipped_steps={self.max_skipped_steps}): "
+                    f"the run is stopped. The first of them: {describe(first)}")
+            self._stop(module, report, text, HINTS + f" Or raise fault.max_skipped_steps (now "
+                                                     f"{self.max_skipped_steps}).")
+        n = self.skipped_total
+        trainer = module._trainer
+        if trainer is not None and trainer.is_global_zero and (n <= 10 or n % 100 == 0):
+            log.warning("skipped a training step (fault.nonfinite=skip; %d so far, %d in a row, the run stops after "
+                        "more than fault.max_skipped_steps=%d in a row): %s", n, self._streak,
+                        self.max_skipped_steps, describe(report))
+        return True
+
+    # ------------------------------------------------------------ helpers ---
+    def _check_due(self, module: Any) -> bool:
+        from vitlab.lit.host_sync import is_logging_step, training_batch_number
+
+        trainer = module._trainer
+        if trainer is None:                          # called outside a Trainer: check at once
+            return True
+        if self.check_interval is None:
+            return is_logging_step(trainer)
+        return training_batch_number(trainer) % self.check_interval == 0
+
+    def _interval_text(self, module: Any) -> str:
+        trainer = module._trainer
+        if trainer is None:
+            return "at once (no trainer)"
+        every = self.check_interval or trainer.log_every_n_steps
+        source = "loss_check_interval" if self.check_interval else "trainer.log_every_n_steps"
+        return f"by the check at step {module.global_step} (every {every} steps, {source})"
+
+    def _any_rank(self, module: Any) -> bool:
+        """The one host read of a check: this rank's flag, all-reduced (MAX) under DDP so every rank decides alike
+        at the same point (no rank is left waiting in a collective)."""
+        flag = self.tracker.flag()
+        if _distributed(module):
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _report(self, module: Any, found: str) -> dict:
+        """Every rank's record (all_gather under DDP) -> the facts of the first non-finite event."""
+        packed = self.tracker.pack(module.global_step)
+        if _distributed(module):
+            rows = [torch.empty_like(packed) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(rows, packed)
+        else:
+            rows = [packed]
+        records = [unpack(row.tolist(), rank, self.tracker.k) for rank, row in enumerate(rows)]
+        names = [n for n, _ in module.recipe.named_parameters()]
+        return build_report(records, names, found, self.policy)
+
+    def _stop(self, module: Any, report: dict, text: str, hints: str) -> None:
+        report["message"] = text + " " + hints
+        where = ""
+        trainer = module._trainer
+        if trainer is not None:
+            path = Path(trainer.default_root_dir) / REPORT_NAME
+            where = f" Report: {path}."
+            if trainer.is_global_zero:
+                from vitlab.io import atomic_write_text
+
+                try:
+                    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+                except OSError as e:                  # the error to raise is the non-finite value, not this
+                    log.warning("could not write %s: %s", path, e)
+                    where = f" (the report could not be written to {path}: {e})"
+        raise FloatingPointError(f"{text}{where} {hints}")
+
+
+def _scaler(module: Any) -> Any:
+    trainer = module._trainer
+    return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _distributed(module: Any) -> bool:
+    trainer = module._trainer
+    return (trainer is not None and trainer.world_size > 1 and torch.distributed.is_available()
+            and torch.distributed.is_initialized())

@@ -22,6 +22,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
+from vitlab.lit.callbacks import PeriodicMetrics
 from vitlab.metrics import extract_features, knn_accuracy
 
 log = logging.getLogger("vitlab")
@@ -44,7 +45,7 @@ def autocast_dtype(precision: object, device: torch.device) -> torch.dtype | Non
     return None
 
 
-class KNNMonitor(pl.Callback):
+class KNNMonitor(PeriodicMetrics):
     """Log the weighted-kNN top-1 (and top-5) of the frozen features on the val split every few epochs.
 
     Args:

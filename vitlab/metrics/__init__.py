@@ -1,6 +1,6 @@
 """Evaluation protocols torchmetrics lacks: kNN and linear probes on frozen features. Pure torch.
 
-Classification accuracy uses torchmetrics directly (see vitlab/heads/classification.py). The command line
+Classification accuracy uses torchmetrics directly (see vitlab/tasks/classification.py). The command line
 (``vitlab-eval protocol=knn|linear``) and the online kNN monitor (vitlab/lit/probes.py) build on these.
 """
 

@@ -4,8 +4,7 @@ decay, and SAM / ASAM around AdamW or SGD."""
 from __future__ import annotations
 
 import logging
-import re
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -34,49 +33,26 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-# Parameters of the stem: layer id 0 under layer-wise lr decay (timm's param_groups_layer_decay idea, by name).
-EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token", "dist_token")
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
+@runtime_checkable
+class LayeredModel(Protocol):
+    """What layer-wise lr decay reads of a model: its depth and the layer of each parameter (every vitlab Recipe and
+    Backbone declares both: :class:`vitlab.backbones.base.Backbone`). The optimizer builder never guesses layers
+    from parameter names, so a hierarchical model (Swin's ``layers.i.blocks.j``) is decayed by its own rule."""
 
+    num_layers: int
 
-def backbone_prefix(model: nn.Module) -> str:
-    """``"backbone."`` for a recipe (backbone + task + other modules), ``""`` for a bare backbone."""
-    return "backbone." if any(n.startswith("backbone.") for n, _ in model.named_parameters()) else ""
-
-
-def num_blocks(model: nn.Module, prefix: Optional[str] = None) -> int:
-    """The number of transformer blocks L: 1 + the largest i in ``{prefix}blocks.{i}.`` (frozen ones count)."""
-    prefix = backbone_prefix(model) if prefix is None else prefix
-    ids = [int(m.group(1)) for n, _ in model.named_parameters()
-           if n.startswith(prefix) and (m := _BLOCK.match(n[len(prefix):]))]
-    return max(ids) + 1 if ids else 0
-
-
-def layer_id_for(name: str, num_layers: int, prefix: str = "backbone.") -> int:
-    """Layer id of a parameter for layer-wise lr decay (BEiT, Bao et al. 2022; ELECTRA, Clark et al. 2020).
-
-    ``{prefix}blocks.{i}.*`` -> i + 1; the backbone's patch embedding and tokens (:data:`EMBEDDING_NAMES`)
-    -> 0; everything else (the backbone's final norm / fc_norm, the task head, other recipe modules such as an
-    MAE decoder) -> ``num_layers + 1``, which trains at the full lr.
-    """
-    if not name.startswith(prefix):
-        return num_layers + 1
-    rest = name[len(prefix):]
-    m = _BLOCK.match(rest)
-    if m:
-        return int(m.group(1)) + 1
-    if rest.split(".", 1)[0] in EMBEDDING_NAMES:
-        return 0
-    return num_layers + 1
+    def layer_id(self, name: str) -> int: ...
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
     """Trainable parameters split into groups with and without weight decay.
 
-    Without ``layer_decay``: two groups, ``decay`` and ``no_decay``. With it: one group per (decay kind,
-    layer id) that has parameters, each with ``lr_scale = layer_decay ** (L + 1 - layer_id)`` (L = the number
-    of blocks, see :func:`layer_id_for`), its ``layer_id`` and a name such as ``decay_layer3`` under ``group``;
-    :func:`build_optimizer` sets each group's lr to lr * lr_scale.
+    Without ``layer_decay``: two groups, ``decay`` and ``no_decay``. With it (BEiT, Bao et al. 2022; ELECTRA,
+    Clark et al. 2020): one group per (decay kind, layer id) that has parameters, each with
+    ``lr_scale = layer_decay ** (L + 1 - layer_id)``, its ``layer_id`` and a name such as ``decay_layer3`` under
+    ``group``, where L = ``model.num_layers`` and ``model.layer_id(name)`` are the model's own declaration
+    (:class:`LayeredModel`: 0 = the stem, i + 1 = block i, L + 1 = the final norm, the task head and other
+    recipe modules, which train at the full lr); :func:`build_optimizer` sets each group's lr to lr * lr_scale.
     """
     skip = no_weight_decay_names(model)
     if layer_decay is None:
@@ -88,16 +64,19 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
         return [{"params": decay, "weight_decay": weight_decay, "group": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"}]
     check_layer_decay(layer_decay)
-    prefix = backbone_prefix(model)
-    num_layers = num_blocks(model, prefix)
+    if not isinstance(model, LayeredModel):
+        raise ValueError(f"optim.layer_decay={layer_decay} needs a model that declares its layers (num_layers and "
+                         f"layer_id(name): every vitlab recipe and backbone does); {type(model).__name__} does not: "
+                         "set optim.layer_decay=null")
+    num_layers = int(model.num_layers)
     if num_layers == 0:
-        raise ValueError(f"optim.layer_decay={layer_decay} needs a backbone of numbered blocks ({prefix}blocks.N, a "
-                         "ViT); this backbone has none (e.g. a hierarchical timm model): set optim.layer_decay=null")
+        raise ValueError(f"optim.layer_decay={layer_decay} needs a backbone with layers to decay; this one declares "
+                         "none (num_layers=0, e.g. a hierarchical timm feature extractor): set optim.layer_decay=null")
     groups: dict[tuple[int, bool], dict] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer = layer_id_for(n, num_layers, prefix)
+        layer = int(model.layer_id(n))
         exempt = n in skip
         if (layer, exempt) not in groups:
             kind = "no_decay" if exempt else "decay"
@@ -166,7 +145,7 @@ def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float =
     if layer_decay is not None:
         for g in groups:
             g["lr"] = lr * g["lr_scale"]
-        log.info(describe_layer_decay(groups, layer_decay, num_blocks(model)))
+        log.info(describe_layer_decay(groups, layer_decay, int(model.num_layers)))
     kind = base if name == "sam" else name
     if kind == "adamw":
         params = [p for g in groups for p in g["params"]]
@@ -183,3 +162,32 @@ def build_optimizer(model: nn.Module, name: OptimizerName = "adamw", lr: float =
         log.info("optimizer: %s around %s, rho=%g (two forward/backward passes per step)",
                  "ASAM" if adaptive else "SAM", type(opt.base).__name__, rho)
     return opt
+
+
+# ------------------------------------------- fused AdamW under gradient scaling ---
+
+def unfused_for_scaled_clipping(opt: torch.optim.Optimizer, rebuild_unfused: Callable[[], torch.optim.Optimizer],
+                                grad_scaling: bool, clipping: bool, fused_setting: Fused = "auto"
+                                ) -> torch.optim.Optimizer:
+    """fp16's GradScaler + gradient clipping + a fused optimizer cannot work: the fused kernel unscales the
+    gradients itself, after clipping would have seen them scaled (Lightning refuses it). With ``optim.fused=auto``
+    the unfused optimizer (``rebuild_unfused()``) is used then; an explicit ``optim.fused=true`` gets an error that
+    says what to change. Otherwise ``opt`` as it is."""
+    if not (opt.defaults.get("fused") and grad_scaling and clipping):
+        return opt
+    if fused_setting != "auto":
+        raise ValueError("optim.fused=true cannot be combined with trainer.precision=16-mixed and gradient "
+                         "clipping (the fused kernel unscales fp16 gradients after clipping would see them): "
+                         "set optim.fused=auto, or trainer.precision=bf16-mixed, or trainer.gradient_clip_val=null")
+    log.info("optimizer: unfused AdamW (fp16 gradient scaling + clipping; the fused kernel cannot clip)")
+    return rebuild_unfused()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, value: float, algorithm: Optional[str] = "norm") -> None:
+    """Clip the gradients of ``optimizer``'s parameters by norm (default) or ``"value"``: what a training loop
+    does itself for a fused optimizer when no GradScaler is involved (the gradients are the true ones)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":                            # a str, or Lightning's GradClipAlgorithmType (a str enum)
+        torch.nn.utils.clip_grad_value_(params, float(value))
+    else:
+        torch.nn.utils.clip_grad_norm_(params, float(value))

@@ -48,6 +48,9 @@ class SAM(torch.optim.Optimizer):
     - ``second_pass_prelude``: None or a zero-arg callable run after the weights are perturbed, before the
       second closure call.
     - ``second_pass``: True while the second closure call runs (the module logs nothing then).
+
+    With gradient accumulation, :meth:`remember` / :meth:`arm` / :meth:`forget` replay the window's earlier
+    micro-batches at the perturbed weights, so both passes see the whole accumulated batch.
     """
 
     def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False):
@@ -67,7 +70,7 @@ class SAM(torch.optim.Optimizer):
         # hooks in one shared object, so LightningOptimizer (which forwards attribute reads, not writes) and
         # this optimizer always see the same values
         self._hooks = SimpleNamespace(first_pass_context=contextlib.nullcontext, second_pass_prelude=None,
-                                      second_pass=False)
+                                      second_pass=False, window=[])
         self._perturbed: list[torch.Tensor] = []          # params moved by first_step, restored by second_step
         self._ready = True
         self._own_groups = []                          # torch's copy, unused from here on
@@ -185,6 +188,36 @@ class SAM(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------ gradient accumulation ---
+    # With gradient accumulation the second pass needs the gradient of the whole accumulated batch at the perturbed
+    # weights, but a training loop's closure recomputes only the window's last micro-batch. The loop hands every
+    # first-pass micro-batch to remember(); arm() before the step makes the second pass replay the earlier ones
+    # (the closure's own, the last, runs itself), without gradient sync, so the closure's backward all-reduces the
+    # sum once; forget() after the step drops the window.
+    def remember(self, batch: Any) -> None:
+        """A first-pass micro-batch of the current accumulation window (the training step calls this)."""
+        self._hooks.window.append(batch)
+
+    def arm(self, replay: Callable[[Any], None], no_sync: Callable[[], ContextManager] = contextlib.nullcontext
+            ) -> None:
+        """Before the optimizer step: the first pass runs under ``no_sync`` (DDP's ``block_backward_sync``: each
+        rank perturbs with its own gradient, the paper's m-sharpness); the second pass first replays the window's
+        remembered micro-batches through ``replay(batch)`` (forward + backward, scaled by the accumulation), also
+        under ``no_sync``. The window is taken now: the closure remembers its own micro-batch afresh."""
+        window, self._hooks.window = self._hooks.window, []
+        self.first_pass_context = no_sync
+
+        def prelude() -> None:
+            with no_sync():
+                for batch in window:
+                    replay(batch)
+
+        self.second_pass_prelude = prelude if window else None
+
+    def forget(self) -> None:
+        """After the optimizer step: the window is over."""
+        self._hooks.window = []
 
     # -------------------------------------------------------- checkpoints ---
     def state_dict(self) -> dict[str, Any]:

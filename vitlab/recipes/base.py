@@ -15,12 +15,22 @@ Evaluation: ``evaluation_step(batch)``; ``features(images)`` gives the frozen re
 probes read; ``eval_backbone()`` is the backbone that is evaluated and exported for fine-tuning (DINO: the
 teacher's). Pretraining recipes (``pretraining = True``) do not train the classification task: they freeze it,
 report no top-k accuracy, and the kNN monitor (vitlab/lit/probes.py) follows them instead.
+
+Declared for the composition root (``vitlab/lit/build.py``), which reads them and never probes a recipe:
+
+- ``task_agnostic``: the recipe trains any task through the Task contract (supervised); False: it reads images
+  (and class labels) only, so the task must be ``Task.pretrainable`` (classification);
+- ``backbone_options(options)``: extra backbone factory arguments (SimMIM's mask token, DeiT's distillation token);
+- ``from_config(options, backbone, task, context)``: the recipe from its config block (Distill loads its teacher
+  through ``context``);
+- ``layer_id(name)`` / ``num_layers`` / ``fsdp_units()`` / ``pretrained_heads()``: what the optimizer builder, FSDP
+  and ``weights=`` read, from the backbone's contract plus the recipe's own modules.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +48,7 @@ class Recipe(nn.Module):
     """
 
     pretraining: bool = False
+    task_agnostic: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, task: nn.Module, lr_scaling: LRScaling = "linear",
                  lr_base_batch: int | Literal["auto"] = 256, monitor: Optional[str] = "auto",
@@ -50,9 +61,9 @@ class Recipe(nn.Module):
         self.backbone = backbone
         self.task = task
         if lr_base_batch == "auto":                 # the task's convention: 256 images (classification), 16 (dense)
-            lr_base_batch = int(getattr(task, "lr_base_batch", 256))
+            lr_base_batch = int(task.lr_base_batch)
         if monitor == "auto":                       # the task's metric, and its direction
-            monitor, monitor_mode = getattr(task, "monitor", "val/top1"), getattr(task, "monitor_mode", monitor_mode)
+            monitor, monitor_mode = task.monitor, task.monitor_mode
         self.lr_scaling = lr_scaling
         self.lr_base_batch = lr_base_batch
         self.monitor = monitor
@@ -60,10 +71,43 @@ class Recipe(nn.Module):
 
     # ------------------------------------------------------------ wiring ---
     @classmethod
-    def backbone_options(cls, **recipe_cfg: Any) -> dict:
+    def backbone_options(cls, options: dict) -> dict:
         """Extra keyword arguments the backbone factory needs for this recipe, from the recipe's config
         (SimMIM: a learned mask token; DeiT distillation: a distillation token). lit/build.py passes them."""
         return {}
+
+    @classmethod
+    def preflight(cls, options: dict) -> None:
+        """Check, before any work, files the options name but the recipe reads only later (Distill's teacher)."""
+
+    @classmethod
+    def from_config(cls, options: dict, backbone: nn.Module, task: nn.Module, context: Any = None) -> "Recipe":
+        """The recipe from its config block (without ``_target_``); ``context``
+        (:class:`vitlab.tasks.base.BuildContext`) loads other checkpoints for recipes that need them."""
+        return cls(backbone=backbone, task=task, **options)
+
+    # ------------------------------------------- what others read of a recipe ---
+    @property
+    def num_layers(self) -> int:
+        """The backbone's depth for layer-wise lr decay (0: it has no layers to decay)."""
+        return int(self.backbone.num_layers)
+
+    def layer_id(self, name: str) -> int:
+        """Layer of recipe parameter ``name`` for layer-wise lr decay: the backbone's own ids for ``backbone.*``
+        (its contract's :meth:`~vitlab.backbones.base.Backbone.layer_id`); the task head and every other module
+        of the recipe (an MAE decoder, DINO heads) -> ``num_layers + 1``, the full lr."""
+        if name.startswith("backbone."):
+            return self.backbone.layer_id(name[len("backbone."):])
+        return self.num_layers + 1
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as one unit each: the backbone's blocks (recipes add their own, e.g. MAE's
+        decoder blocks)."""
+        return list(self.backbone.fsdp_units())
+
+    def pretrained_heads(self) -> dict[str, nn.Module]:
+        """Heads that take a classifier from external pretrained weights (``weights=`` timm ViT / DeiT files)."""
+        return dict(self.task.pretrained_heads())
 
     def train_transform(self, img_size: int, mean: Sequence[float], std: Sequence[float],
                         in_chans: int) -> Optional[Callable]:
@@ -105,18 +149,19 @@ class Recipe(nn.Module):
         """The optimizer has just applied step ``step`` (0-based)."""
 
     # ------------------------------------------------------------- steps ---
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) of the task head on the backbone (untrained for pretraining recipes)."""
-        return self.task(self.backbone(images))
+    def forward(self, images: torch.Tensor) -> Any:
+        """The task's prediction on the backbone (logits (B, C) for classification; untrained for pretraining
+        recipes, which freeze the task)."""
+        return self.task.predict(self.backbone, images)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Return at least {"loss": scalar}; other scalar entries are logged under train/.
-        With hard labels, "logits" (B, C) and "target" (B,) update the train top-1."""
+        """Return at least {"loss": scalar}; other scalar entries are logged under train/; "preds" and "target"
+        update the task's training metrics (classification: the train top-1 on hard labels)."""
         raise NotImplementedError
 
     def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Return scalars to log (e.g. "loss"), and "logits" (B, C) + "target" (B,) to update the top-k metrics
-        (pretraining recipes return no logits)."""
+        """Return scalars to log (e.g. "loss"), and "preds" + "target" to update the task's metrics (pretraining
+        recipes return none)."""
         raise NotImplementedError
 
     # -------------------------------------------------------- evaluation ---

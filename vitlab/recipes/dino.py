@@ -202,7 +202,7 @@ class DINO(Recipe):
             raise ValueError(f"freeze_last_layer_epochs must be >= 0, got {freeze_last_layer_epochs}")
         if isinstance(num_local_crops, bool) or not isinstance(num_local_crops, int) or num_local_crops < 0:
             raise ValueError(f"num_local_crops must be an integer >= 0, got {num_local_crops!r}")
-        patch = int(getattr(backbone, "patch_size", 1))
+        patch = int(backbone.patch_size)
         if local_crop_size is not None and (local_crop_size < patch or local_crop_size % patch):
             raise ValueError(f"local_crop_size must be a multiple of the patch size {patch}, got {local_crop_size}; "
                              "or set it to null (img_size * 96 / 224, rounded to the patch size)")
@@ -246,7 +246,7 @@ class DINO(Recipe):
         img_size * 96 / 224 (DINO's 96 at 224), at least one patch."""
         if self.local_crop_size is not None:
             return self.local_crop_size
-        p = int(getattr(self.backbone, "patch_size", 1))
+        p = int(self.backbone.patch_size)
         return max(p, p * round(img_size * 96 / 224 / p))
 
     def train_transform(self, img_size: int, mean: Sequence[float], std: Sequence[float],

@@ -23,6 +23,8 @@ student, resized to ``teacher_img_size`` when given, so it must have been traine
 from __future__ import annotations
 
 import difflib
+import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -31,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.checkpoints import NotACheckpointError
 from vitlab.recipes.base import LRScaling
 from vitlab.recipes.supervised import Supervised
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["soft", "hard"]
 SoftReduction = Literal["batchmean", "numel"]
@@ -120,6 +125,32 @@ def load_timm_teacher(path: str, model_name: str, num_classes: int, in_chans: in
     return model.eval()
 
 
+def load_teacher(path: str, teacher_model: Optional[str], num_classes: int, in_chans: int,
+                 load_model: Callable[[str], Any]) -> nn.Module:
+    """The distillation teacher (images -> logits), frozen: a vitlab checkpoint of any classifier (its EMA weights
+    when it kept them), read with ``load_model`` (:class:`vitlab.tasks.base.BuildContext`), or a timm model
+    ``teacher_model`` whose weights are in the file ``path``."""
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"recipe.teacher={path} does not exist; give a vitlab checkpoint (a run's "
+                                "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
+    if teacher_model:
+        return load_timm_teacher(path, teacher_model, num_classes, in_chans)
+    try:
+        loaded = load_model(path)
+    except NotACheckpointError:
+        raise ValueError(f"recipe.teacher={path} is not a vitlab checkpoint; name its timm architecture with "
+                         "recipe.teacher_model=NAME (e.g. resnet50)") from None
+    if loaded.data.num_classes != num_classes:
+        raise ValueError(f"the teacher {path} predicts {loaded.data.num_classes} classes but this dataset has "
+                         f"{num_classes}; distil from a teacher trained on the same classes")
+    teacher = loaded.recipe
+    if teacher.pretraining:
+        raise ValueError(f"the teacher {path} is a {type(teacher).__name__} pretraining checkpoint without a "
+                         "trained classifier; fine-tune it first (recipe=supervised weights=PATH)")
+    log.info("distillation teacher: %s from %s", type(teacher.backbone).__name__, path)
+    return teacher
+
+
 # ------------------------------------------------------------------ recipe ---
 
 class Distill(Supervised):
@@ -134,6 +165,8 @@ class Distill(Supervised):
     (see :func:`soft_distillation_loss`). ``teacher_img_size``: resize the student's images (bilinear,
     antialiased) to this size for the teacher.
     """
+
+    task_agnostic = False            # reads class logits and the labels: a classification task only
 
     def __init__(self, backbone: nn.Module, task: nn.Module, teacher: Optional[str] = None,
                  teacher_model: Optional[str] = None, distill_token: bool = True, kind: Kind = "hard",
@@ -161,7 +194,7 @@ class Distill(Supervised):
                 close = difflib.get_close_matches(teacher_model, timm.list_models(), n=5)
                 raise ValueError(f"unknown timm model {teacher_model!r} (recipe.teacher_model)"
                                  + (f"; close matches: {', '.join(close)}" if close else ""))
-        if distill_token and getattr(backbone, "dist_token", False) is None:
+        if distill_token and not backbone.has_dist_token:
             raise ValueError("the backbone has no distillation token; build it with distill_token=True "
                              "(lit/build.py does so from Distill.backbone_options) or set recipe.distill_token=false "
                              "for plain knowledge distillation")
@@ -188,9 +221,35 @@ class Distill(Supervised):
                 self.freeze(self.task)
 
     @classmethod
-    def backbone_options(cls, **recipe_cfg: Any) -> dict:
+    def backbone_options(cls, options: dict) -> dict:
         """DeiT's distillation token for the student backbone (unless ``distill_token=False``)."""
-        return {"distill_token": True} if recipe_cfg.get("distill_token", True) else {}
+        return {"distill_token": True} if options.get("distill_token", True) else {}
+
+    @classmethod
+    def preflight(cls, options: dict) -> None:
+        """The teacher is read on the first training step: check its file before any work."""
+        teacher = options.get("teacher")
+        if teacher and not Path(str(teacher)).is_file():
+            raise FileNotFoundError(f"recipe.teacher={teacher} does not exist; give a vitlab checkpoint (a run's "
+                                    "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
+
+    @classmethod
+    def from_config(cls, options: dict, backbone: nn.Module, task: nn.Module, context: Any = None) -> "Distill":
+        """The teacher is loaded lazily, on the first training step (evaluating a distilled student never needs
+        its file): a vitlab checkpoint through ``context.load_model``, else a timm model ``teacher_model`` whose
+        weights are in the file ``teacher``."""
+        factory = None
+        teacher = options.get("teacher")
+        if teacher and context is not None and context.load_model is not None:
+            factory = functools.partial(load_teacher, str(teacher), options.get("teacher_model"),
+                                        int(task.num_classes), int(backbone.in_chans), context.load_model)
+        return cls(backbone=backbone, task=task, teacher_factory=factory, **options)
+
+    def pretrained_heads(self) -> dict[str, nn.Module]:
+        heads = super().pretrained_heads()
+        if self.dist_head is not None:
+            heads["dist_head"] = self.dist_head
+        return heads
 
     # ------------------------------------------------------------ teacher ---
     @property
@@ -276,7 +335,12 @@ class Distill(Supervised):
         logits = (cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2).detach()
         agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()     # 0-d, stays on device
         out = {"loss": loss, "loss_base": loss_base.detach(), "loss_distill": loss_distill.detach(),
-               "teacher_agreement": agreement, "logits": logits}
+               "teacher_agreement": agreement, "preds": logits}
         if target.ndim == 1:
             out["target"] = target
         return out
+
+    def evaluation_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The student's prediction (both heads' mean with the token) against the labels."""
+        logits = self(batch["image"])
+        return {"loss": self.task.loss(logits, batch["label"]), "preds": logits, "target": batch["label"]}

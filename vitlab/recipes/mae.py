@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vitlab.backbones.vit import Block
+from vitlab.layers import Block
 from vitlab.layers.pos_embed import sincos_2d_pos_embed
 from vitlab.recipes.base import LRScaling, Recipe
 
@@ -57,14 +57,6 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch
     return x.reshape(B, C, h * p, w * p)
 
 
-def in_chans_of(backbone: nn.Module) -> int:
-    """The number of image channels the backbone embeds (the width of the pixels a decoder predicts)."""
-    n = getattr(backbone, "in_chans", None)
-    if n is None:
-        n = backbone.patch_embed.proj.in_channels
-    return int(n)
-
-
 def check_mask_ratio(mask_ratio: float) -> float:
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r} (the share of patches hidden from "
@@ -80,19 +72,19 @@ def eval_generator(device: torch.device) -> torch.Generator:
 class EncoderNorm(nn.Module):
     """The normalisation of the encoder's final tokens that a pretraining decoder reads.
 
-    With ``global_pool="token"`` it is the backbone's own final ``norm`` (used, so trained; not registered here a
-    second time: :meth:`forward` is given the backbone). With ``global_pool="avg"`` the backbone's final norm is
-    ``fc_norm`` after pooling, which a reconstruction loss never reads: this module then owns a LayerNorm of its
-    own and freezes ``fc_norm`` (DDP requires every trainable parameter to take part in the loss).
+    When the backbone normalises every token (its contract's ``token_norm()``, e.g. a ViT with
+    ``global_pool="token"``) it is that norm (used, so trained; not registered here a second time: :meth:`forward`
+    is given the backbone). When its final norm follows pooling (``pool_norm()``, timm's ``fc_norm`` with
+    ``global_pool="avg"``), a reconstruction loss never reads it: this module then owns a LayerNorm of its own and
+    freezes the pooled norm (DDP requires every trainable parameter to take part in the loss).
     """
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
-        norm = getattr(backbone, "norm", None)
-        self.norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) \
-            if norm is None or isinstance(norm, nn.Identity) else None
-        if self.norm is not None and getattr(backbone, "fc_norm", None) is not None:
-            backbone.fc_norm.requires_grad_(False)
+        self.norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if backbone.token_norm() is None else None
+        pooled = backbone.pool_norm()
+        if self.norm is not None and pooled is not None:
+            pooled.requires_grad_(False)
 
     @property
     def own(self) -> bool:
@@ -100,7 +92,7 @@ class EncoderNorm(nn.Module):
         return self.norm is not None
 
     def forward(self, tokens: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
-        return self.norm(tokens) if self.norm is not None else backbone.norm(tokens)
+        return self.norm(tokens) if self.norm is not None else backbone.token_norm()(tokens)
 
 
 def _init_decoder(m: nn.Module) -> None:
@@ -199,23 +191,24 @@ class MAE(MaskedImageModeling):
                  lr_base_batch: int = 256, monitor: str | None = None,
                  monitor_mode: Literal["max", "min"] = "min"):
         super().__init__(backbone, task, lr_scaling, lr_base_batch, monitor, monitor_mode)
-        if getattr(backbone, "mask_token", None) is not None:
-            raise ValueError("MAE drops the masked patches, but this backbone was built with use_mask_token=True "
-                             "(it would replace them); build it without (SimMIM is the recipe that uses it)")
+        if backbone.mask_mode != "drop":
+            raise ValueError("MAE drops the masked patches, but this backbone " + (
+                "was built with use_mask_token=True (it would replace them); build it without (SimMIM is the recipe "
+                "that uses it)" if backbone.mask_mode == "replace" else
+                f"({type(backbone).__name__}) takes no token mask: use a ViT backbone (backbone=vit_tiny, ...)"))
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = int(backbone.patch_size)
         self.freeze(task)
         self.encoder_norm = EncoderNorm(backbone)
-        num_cls = int(getattr(backbone, "has_class_token", False))
+        num_cls = int(backbone.has_class_token)
         num_registers = int(backbone.num_prefix_tokens) - num_cls   # registers (and a DeiT dist token): no position
-        self.decoder = MAEDecoder(backbone.embed_dim, self.patch_size ** 2 * in_chans_of(backbone),
+        self.decoder = MAEDecoder(backbone.embed_dim, self.patch_size ** 2 * int(backbone.in_chans),
                                   tuple(backbone.grid), num_cls, num_registers, decoder_embed_dim,
                                   decoder_depth, decoder_num_heads, decoder_mlp_ratio)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The (frozen, untrained) task on the backbone's features, as every recipe's forward: (B, num_classes)."""
-        return self.task(self.backbone(images))
+    def fsdp_units(self) -> list[nn.Module]:
+        return super().fsdp_units() + list(self.decoder.blocks)
 
     # ------------------------------------------------------------ pieces ---
     def grid_of(self, images: torch.Tensor) -> tuple[int, int]:

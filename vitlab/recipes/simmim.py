@@ -14,7 +14,7 @@ loss is the L1 distance to the input on the masked pixels only.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,6 @@ from vitlab.recipes.mae import (
     MaskedImageModeling,
     check_mask_ratio,
     eval_generator,
-    in_chans_of,
     unpatchify,
 )
 
@@ -47,7 +46,7 @@ class SimMIM(MaskedImageModeling):
                  lr_base_batch: int = 512, monitor: str | None = None,
                  monitor_mode: Literal["max", "min"] = "min"):
         super().__init__(backbone, task, lr_scaling, lr_base_batch, monitor, monitor_mode)
-        if getattr(backbone, "mask_token", None) is None:
+        if backbone.mask_mode != "replace":
             raise ValueError("SimMIM replaces masked patches by the encoder's mask token, but this backbone has "
                              "none; build it with use_mask_token=True (SimMIM.backbone_options() gives it)")
         self.patch_size = int(backbone.patch_size)
@@ -56,18 +55,14 @@ class SimMIM(MaskedImageModeling):
                              f"{self.patch_size}; use e.g. {2 * self.patch_size}, or null for the default")
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.mask_patch_size = mask_patch_size
-        self.in_chans = in_chans_of(backbone)
+        self.in_chans = int(backbone.in_chans)
         self.freeze(task)
         self.encoder_norm = EncoderNorm(backbone)
         self.decoder = nn.Linear(backbone.embed_dim, self.patch_size ** 2 * self.in_chans)   # D -> p*p*C
 
     @classmethod
-    def backbone_options(cls, **recipe_cfg: Any) -> dict:
+    def backbone_options(cls, options: dict) -> dict:
         return {"use_mask_token": True}
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The (frozen, untrained) task on the backbone's features, as every recipe's forward: (B, num_classes)."""
-        return self.task(self.backbone(images))
 
     # ------------------------------------------------------------ pieces ---
     def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
