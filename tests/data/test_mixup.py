@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.data.mixup import OPTIONS, MixupCutmix, build_mixup
-from vitlab.heads import ClassificationTask, soft_target_cross_entropy
+from vitlab.tasks import ClassificationTask, soft_target_cross_entropy
 
 C = 10
 
@@ -207,3 +207,23 @@ def test_mixing_on_the_training_device(mode):
     out, target = build_mixup(C, mixup_alpha=0.8, cutmix_alpha=1.0, mode=mode)(images, labels)
     assert out.is_cuda and target.is_cuda and target.shape == (8, C)
     torch.testing.assert_close(target.sum(1), torch.ones(8, device="cuda"))
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_multi_hot_targets_mix_with_the_images_lam(mode):
+    """Multi-label rows (several 1s) are blended with the same lam as the pixels, and stay unsmoothed: checked
+    against the mixed images themselves (constant images per sample make each pixel lam * a + (1 - lam) * b)."""
+    B = 4
+    np.random.seed(3)
+    m = build_mixup(C, mixup_alpha=0.8, mode=mode, label_smoothing=0.1)
+    values = torch.arange(1.0, B + 1)                                    # image i is constant i + 1
+    images = values.view(B, 1, 1, 1).expand(B, 3, 8, 8).clone()
+    y = torch.zeros(B, C, dtype=torch.long)
+    y[0, [1, 2]] = 1
+    y[1, 3] = 1
+    y[2, [0, 5, 7]] = 1
+    mixed, target = m(images, y)
+    lam = (mixed[:, 0, 0, 0] - values.flip(0)) / (values - values.flip(0))     # solved from the pixels
+    expected = lam[:, None] * y.float() + (1 - lam[:, None]) * y.float().flip(0)
+    torch.testing.assert_close(target, expected)
+    assert target.max() <= 1 and target.min() >= 0

@@ -12,13 +12,14 @@ from vitlab.data.imagefolder import ImageFolder
 from vitlab.data.imagenet import ImageNet
 from vitlab.data.mixup import build_mixup
 from vitlab.data.mnist import MNIST
+from vitlab.data.multilabel import MultiHotDataset, MultiLabelFileList
 from vitlab.data.multicrop import MultiCropTransform
 from vitlab.data.segmentation import ADE20K, CamVid, SegFolder, SegmentationSource, segmentation_collate
 from vitlab.data.transforms import build_transforms
 
 __all__ = ["ClassificationSource", "CorruptDataError", "DataConfigError", "DataInfo", "DataSource", "DatasetNotFoundError",
            "DictDataset", "SPLITS", "seeded_split", "CIFAR", "Digits", "FileDataset", "FileList", "HFDataset",
-           "HFImageDataset", "ImageFolder", "ImageNet", "MNIST", "MultiCropTransform", "build_mixup", "build_transforms",
+           "HFImageDataset", "ImageFolder", "ImageNet", "MNIST", "MultiCropTransform", "MultiHotDataset", "MultiLabelFileList", "build_mixup", "build_transforms",
            # detection and segmentation
            "DenseDataset", "DenseSource", "COCODetection", "DetectionSource", "VOCDetection", "detection_collate",
            "ADE20K", "CamVid", "SegFolder", "SegmentationSource", "segmentation_collate"]

@@ -29,7 +29,8 @@ OPTIONS = ("mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob", "switch_prob"
 class MixupCutmix(timm.data.Mixup):
     """timm's :class:`timm.data.Mixup` whose ``__call__`` names the problem when a batch does not fit.
 
-    ``(images (B, C, H, W) float, labels (B,) long) -> (mixed images, soft targets (B, num_classes) float32)``.
+    ``(images (B, C, H, W) float, labels (B,) long) -> (mixed images, soft targets (B, num_classes) float32)``;
+    multi-label data's integer multi-hot labels (B, num_classes) are blended as they are (:meth:`mix_multi_hot`).
     The images are mixed in place, as in timm: the returned tensor is the one passed in.
     ``mode``: one ``lam`` (and box) for the whole ``batch``, one per ``pair`` (i, B-1-i) or per ``elem``.
     With CutMix, ``lam`` is corrected to the box's area once clipped at the image border (``correct_lam``).
@@ -38,6 +39,9 @@ class MixupCutmix(timm.data.Mixup):
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4:
             raise ValueError(f"mixup / cutmix takes a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+        if labels.ndim == 2 and not labels.dtype.is_floating_point and labels.shape == (images.shape[0],
+                                                                                        self.num_classes):
+            return self.mix_multi_hot(images, labels)      # multi-label data: integer 0/1 rows (B, C)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.is_floating_point:
             raise ValueError(f"mixup / cutmix takes integer class labels of shape (B,) = ({images.shape[0]},), got "
                              f"{labels.dtype} {tuple(labels.shape)}; it makes the soft targets itself")
@@ -51,6 +55,25 @@ class MixupCutmix(timm.data.Mixup):
             # per-pair / per-element lam comes back in the images' dtype: renormalise the bf16 / fp16 rounding
             target = target / target.sum(dim=-1, keepdim=True)
         return images, target
+
+
+    def mix_multi_hot(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-label targets (B, C) of 0/1 (several classes per image): the images are mixed as for class labels
+        (the same lam, boxes and pairing i <-> B-1-i) and the targets blended with the same lam,
+        ``lam * y_i + (1 - lam) * y_(B-1-i)``, without label smoothing (each class is its own binary target)."""
+        if images.shape[0] % 2:
+            raise ValueError(f"mixup / cutmix pairs image i with image B-1-i, so the batch size must be even, got "
+                             f"{images.shape[0]}")
+        if self.mode == "elem":
+            lam = self._mix_elem(images)
+        elif self.mode == "pair":
+            lam = self._mix_pair(images)
+        else:
+            lam = self._mix_batch(images)
+        y = targets.float()
+        lam_t = torch.as_tensor(lam, dtype=torch.float32, device=y.device).reshape(-1, 1) \
+            if not isinstance(lam, float) else lam
+        return images, y * lam_t + y.flip(0) * (1.0 - lam_t)
 
 
 def build_mixup(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,

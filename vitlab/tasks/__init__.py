@@ -8,13 +8,14 @@ from vitlab.tasks.detr import DETRHead, HungarianMatcher, SetCriterion
 from vitlab.tasks.diffusion import (DiffusionTask, GaussianDiffusion, LatentAutoencoder, RectifiedFlow, SampleJudge,
                                     autoencoder_geometry, beta_schedule, ddim_sample, ddpm_sample, euler_sample,
                                     guided, load_autoencoder, load_judge, sample)
+from vitlab.tasks.multilabel import MultiLabelTask
 from vitlab.tasks.pyramid import FeatureNeck, SimpleFeaturePyramid, TapPyramid, pyramid_strides
 from vitlab.tasks.seg_heads import ATMHead, FCNHead, LinearSegHead, UPerHead
 from vitlab.tasks.segmentation import SegmentationTask
 
 __all__ = ["BuildContext", "LoadedModel", "Task",
            # classification
-           "ClassificationHead", "ClassificationTask", "soft_target_cross_entropy",
+           "ClassificationHead", "ClassificationTask", "MultiLabelTask", "soft_target_cross_entropy",
            # detection
            "DetectionTask", "CanvasTransform", "DETRHead", "HungarianMatcher", "SetCriterion",
            # segmentation
