@@ -68,3 +68,45 @@ def test_data_info_round_trips_and_older_dicts_take_defaults():
     assert DataInfo.from_dict(info.to_dict()) == info
     old = DataInfo.from_dict({"num_classes": 10, "in_chans": 1}, img_size=32)
     assert (old.task, old.img_size, old.class_names, old.mean) == ("classification", 32, None, (0.485, 0.456, 0.406))
+
+
+def _tiny_checkpoint(tmp_path, target: str = "vitlab.tasks.ClassificationTask"):
+    """A vitlab checkpoint of a tiny digits-shaped classifier, written as vitlab-train writes them."""
+    from vitlab.lit.build import build_recipe
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["backbone.depth=1", "backbone.embed_dim=32", "backbone.num_heads=2",
+                                          "data.img_size=16", "backbone.patch_size=8"])
+    recipe = build_recipe(cfg, DataInfo(num_classes=10, in_chans=1)).eval()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["task"]["_target_"] = target
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": {f"recipe.{k}": v for k, v in recipe.state_dict().items()},
+                "vitlab": {"config": config, "data_info": {"num_classes": 10, "in_chans": 1}}}, path)
+    return path, recipe
+
+
+def test_the_old_heads_package_still_resolves_with_a_deprecation_warning():
+    """A user's conf/task/*.yaml or a rerun of an old run's .hydra/config.yaml names vitlab.heads.*."""
+    from hydra.utils import get_class
+
+    from vitlab.tasks import ClassificationTask
+
+    with pytest.warns(DeprecationWarning, match="vitlab.heads.ClassificationTask is deprecated"):
+        assert get_class("vitlab.heads.ClassificationTask") is ClassificationTask
+    with pytest.raises(ImportError, match="NoSuchTask"):
+        get_class("vitlab.heads.NoSuchTask")
+
+
+def test_a_vitlab_teacher_wins_over_teacher_model_and_a_missing_file_is_a_file_not_found(tmp_path):
+    """Distillation reads a vitlab checkpoint as such even when recipe.teacher_model names a timm model (as before
+    the contracts); a missing checkpoint is a FileNotFoundError (as torch.load's was) that names the fix."""
+    from vitlab.lit.build import load_model
+    from vitlab.recipes.distill import load_teacher
+
+    path, recipe = _tiny_checkpoint(tmp_path)
+    teacher = load_teacher(str(path), "resnet18", 10, 1, load_model)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(teacher(x), recipe(x))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")

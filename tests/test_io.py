@@ -119,3 +119,14 @@ def test_stale_temporary_files_are_found_by_target_suffix(tmp_path):
     assert [p.name for p in stale_temp_files(tmp_path, ".ckpt")] == [".last.ckpt.ab12CD_9.tmp"]
     assert len(stale_temp_files(tmp_path)) == 2
     assert stale_temp_files(tmp_path / "missing") == []
+
+
+def test_a_failure_before_the_write_closes_the_descriptor_and_removes_the_temporary(tmp_path, monkeypatch):
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(vio.os, "fchmod", refuse)
+    with pytest.raises(PermissionError):
+        atomic_write_text(tmp_path / "m.json", "{}")
+    assert len(os.listdir("/proc/self/fd")) == before and os.listdir(tmp_path) == []

@@ -28,12 +28,16 @@ class NotACheckpointError(ValueError):
     """A file that should be a vitlab checkpoint is missing, unreadable, or another kind of file."""
 
 
+class MissingCheckpointError(NotACheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a FileNotFoundError, as ``torch.load`` of a missing file was)."""
+
+
 def read_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """The whole checkpoint at ``path``; :class:`NotACheckpointError` (naming the fix) when it is missing, cannot
     be unpickled, or holds no vitlab config."""
     p = Path(path)
     if not p.is_file():
-        raise NotACheckpointError(f"{p} does not exist; give a vitlab checkpoint (a run's checkpoints/last.ckpt "
+        raise MissingCheckpointError(f"{p} does not exist; give a vitlab checkpoint (a run's checkpoints/last.ckpt "
                                   "or best.ckpt)")
     if p.suffix == ".safetensors":
         raise NotACheckpointError(f"{p} is a safetensors file, not a vitlab checkpoint (a run's .ckpt)")
@@ -47,6 +51,22 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = Fals
         raise NotACheckpointError(f"{p} is not a vitlab checkpoint (it holds no resolved vitlab config); give a "
                                   "checkpoint written by vitlab-train (checkpoints/last.ckpt or best.ckpt)")
     return ckpt
+
+
+def read_meta(path: PathLike) -> dict:
+    """The ``vitlab`` entry of a checkpoint (config, data_info, rng, wandb_run_id), memory-mapped; ``{}`` for a
+    Lightning checkpoint without one (e.g. written by a module built without a config). NotACheckpointError
+    when the file is missing or not a torch checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingCheckpointError(f"{p} does not exist; give a vitlab checkpoint (a run's checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:                      # noqa: BLE001
+        raise NotACheckpointError(f"{p} is not a checkpoint (it cannot be read by torch.load: "
+                                  f"{type(e).__name__}); give a run's checkpoints/last.ckpt") from None
+    meta = ckpt.get("vitlab") if isinstance(ckpt, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def is_vitlab_checkpoint(path: PathLike) -> bool:

@@ -56,8 +56,8 @@ def atomic_write_with(path: PathLike, write: Callable[[IO[bytes]], Any], sync: b
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:                # owns the descriptor from here: closed on any error
+            os.fchmod(f.fileno(), file_mode())
             write(f)
             if sync:
                 f.flush()

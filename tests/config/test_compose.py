@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF, SHARED_DATA, run_cli
@@ -93,10 +93,8 @@ def test_every_model_group_option_instantiates(group):
         # distillation needs a teacher path; it is only read on the first training step
         extra = ["recipe.teacher=/nonexistent/teacher.ckpt"] if (group, option) == ("recipe", "distill") else []
         cfg = compose_train(f"{group}={option}", *extra)
-        # a dense task trains on dense data (the builder checks that the data's task matches); diffusion on labelled
-        # images
-        data_info = {"task": option} if group == "task" and option != "diffusion" else {}
-        recipe = build_recipe(cfg, DataInfo(num_classes=10, in_chans=1, **data_info))
+        # every task trains on data of its declared kind (the builder checks that the data's task matches)
+        recipe = build_recipe(cfg, DataInfo(num_classes=10, in_chans=1, task=get_class(cfg.task._target_).data_kind))
         opt = instantiate(cfg.optim, lr=1e-3, _convert_="all")(recipe)
         if group == "sched" or cfg.get("sched"):
             sched = instantiate(cfg.sched, _convert_="all")(opt, total_steps=100, steps_per_epoch=10)
@@ -197,6 +195,7 @@ def test_missing_dataset_is_reported_before_any_work(tmp_path):
     (["backbone=nope"], "is not an option of the config group 'backbone'"),
     (["trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch'"),
     (["data=cifar10", "data.root=/nonexistent/cifar"], "cifar10 not found"),
+    (["+task.foo=1"], "unexpected keyword argument 'foo'"),                 # a key the task does not take
 ])
 def test_cli_stops_with_exit_code_2_and_message(args, expected, tmp_path):
     p = run_cli("vitlab.cli.train", *args, f"paths.output_dir={tmp_path}", timeout=120)

@@ -38,8 +38,9 @@ def _write(root, fmt: str) -> str:
     elif fmt == "jsonl":
         (root / "train.jsonl").write_text("".join(json.dumps({"path": p, "labels": lab.split()}) + "\n"
                                                   for p, lab in ROWS))
-    else:
-        (root / "train.txt").write_text("".join(f"{p} {lab}\n" for p, lab in ROWS))
+    else:                                       # any whitespace between the path and the labels
+        (root / "train.txt").write_text("".join(f"{p}\t{lab}\n" if i % 2 else f"{p} {lab}\n"
+                                                for i, (p, lab) in enumerate(ROWS)))
     return str(root / f"train.{fmt}")
 
 

@@ -42,3 +42,20 @@ def test_fsdp_two_processes_match_one_process_and_checkpoint_is_readable(tmp_pat
     pe = run_cli("vitlab.cli.eval", f"ckpt={ckpt}", "split=val", f"metrics_file={out}", timeout=300)
     assert pe.returncode == 0, pe.stdout[-3000:] + pe.stderr[-3000:]
     assert json.loads(out.read_text())["val/top1"] == pytest.approx(fsdp["val/top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("recipe, units", [
+    (["recipe=mae", "recipe.decoder_embed_dim=32", "recipe.decoder_depth=1", "recipe.decoder_num_heads=2"], 3),
+    (["recipe=dino", "recipe.out_dim=64", "recipe.hidden_dim=32", "recipe.bottleneck_dim=16",
+      "recipe.num_local_crops=0", "callbacks.knn_monitor.every_n_epochs=0"], 4),
+])
+def test_pretraining_recipes_train_under_fsdp(recipe, units, tmp_path):
+    """The recipe's training and evaluation steps are FSDP forward methods (the root unit's parameters are
+    gathered around them though a task or a decoder calls the backbone directly), and each recipe shards the units
+    it declares: MAE its encoder's 2 blocks and its decoder's block, DINO the student's and the EMA teacher's."""
+    p = run_cli("vitlab.cli.train", *COMMON, *recipe, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                "data.batch_size=16", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+                f"paths.output_dir={tmp_path}", timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"FSDP2: {units} blocks + the root sharded over 2 processes" in p.stdout + p.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

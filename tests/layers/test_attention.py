@@ -546,9 +546,8 @@ def test_vit_traces_with_no_graph_breaks(backend):
 # ----------------------------------------------------- the default choice ---
 
 def test_the_environment_is_not_read_at_import(monkeypatch):
-    """The backend is configuration: importing the module with VITLAB_ATTN_BACKEND set changes nothing; the config
-    reads the variable (conf/train.yaml: attention_backend: ${oc.env:VITLAB_ATTN_BACKEND,sdpa}) and the entry
-    point passes it to set_backend."""
+    """The backend is configuration (attention_backend=, passed to set_backend by the entry points): importing the
+    module with the old VITLAB_ATTN_BACKEND variable set changes nothing, and the configs do not read it either."""
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import CONF
@@ -560,12 +559,9 @@ def test_the_environment_is_not_read_at_import(monkeypatch):
     assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("sdpa", "default")
     for name in ("train", "eval", "sample"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            assert compose(name).attention_backend == "sdpa_math", name
+            assert compose(name).attention_backend == "sdpa", name
     fresh.set_backend("math", source="attention_backend=math")
     assert fresh.resolve_backend(torch.randn(1, 1, 4, 8)) == ("math", "attention_backend=math")
-    monkeypatch.delenv("VITLAB_ATTN_BACKEND")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        assert compose("train").attention_backend == "sdpa"
 
 
 def test_bad_default_names_where_it_came_from(monkeypatch):

@@ -98,6 +98,9 @@ def test_fsdp_config_builds_the_strategy_that_shards_the_declared_units():
     assert units[:len(recipe.backbone.blocks)] == list(recipe.backbone.blocks)      # the encoder's blocks ...
     assert units[len(recipe.backbone.blocks):] == list(recipe.decoder.blocks)      # ... and MAE's decoder's
     assert all(isinstance(u, Block) for u in units)
+    dino, _ = _recipe(compose_train("recipe=dino", "recipe.out_dim=16", "recipe.hidden_dim=16",
+                                    "recipe.bottleneck_dim=8", "recipe.num_local_crops=0"))
+    assert dino.fsdp_units() == list(dino.backbone.blocks) + list(dino.teacher_backbone.blocks)   # the teacher's too
     named = instantiate(cfg.trainer.strategy, wrap=["vitlab.layers.Block"], _convert_="all")
     assert named.wrap_classes == (Block,)
     assert strategy.reshard_after_forward is False

@@ -75,7 +75,7 @@ def convert_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransform
     recipe's distillation head) when it is a distilled DeiT.
     """
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    has_dist_slot = getattr(model, "dist_token", None) is not None
+    has_dist_slot = model.has_dist_token
     unsupported = _UNSUPPORTED if has_dist_slot else _UNSUPPORTED + _DISTILLED
     bad = sorted(k for k in sd if any(k == u or f".{u}." in f".{k}" for u in unsupported))
     if bad:
@@ -170,7 +170,7 @@ def load_timm_weights(model: VisionTransformer, source: str, head: Optional[torc
     missing = [k for k in missing if k not in ("mask_token", "dist_token")]
     if strict and (missing or unexpected):
         raise ValueError(f"timm weights do not fit this ViT: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    if getattr(model, "dist_token", None) is not None and "dist_token" not in backbone_sd:
+    if model.has_dist_token and "dist_token" not in backbone_sd:
         log.info("the source has no distillation token: the model's starts from its initialisation")
     for module, prefix, what in ((head, "fc.", "classifier"), (dist_head, "dist_head.", "distillation head")):
         part = {k: v for k, v in head_sd.items() if k.startswith(prefix)}
@@ -211,7 +211,7 @@ def timm_vit_kwargs(model: VisionTransformer, num_classes: int) -> tuple[dict, l
     differences = []
     if model.rope is not None:
         differences.append("2-D RoPE (timm's VisionTransformer has none; the reference runs without it)")
-    if getattr(model, "dist_token", None) is not None:
+    if model.has_dist_token:
         differences.append("the DeiT distillation token (timm's VisionTransformer has none; the reference runs "
                            "without it)")
     if model.num_registers and model.num_pos_prefix:

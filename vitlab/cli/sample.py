@@ -48,7 +48,7 @@ def sample_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     from vitlab.checkpoints import NotACheckpointError
     from vitlab.lit.build import load_checkpoint, load_model
     from vitlab.tasks.diffusion import load_judge
-    from vitlab.io import atomic_write_text
+    from vitlab.io import atomic_write_text, atomic_write_with
     from vitlab.lit.callbacks import save_sample_grid
 
     set_attention_backend(cfg.attention_backend)
@@ -135,8 +135,7 @@ def sample_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         arr = torch.cat(kept)
         arr = arr.expand(-1, 3, -1, -1) if arr.shape[1] == 1 else arr
         npz = out / f"samples_{tag}.npz"
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(npz, arr_0=arr.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        atomic_write_with(npz, lambda f: np.savez(f, arr_0=arr.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
         result["npz"] = str(npz)
         print(f"[vitlab] {len(arr)} samples written to {npz}")
     path = out / f"sample_eval_{tag}.json"

@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> dict:
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     cfg = shared_config(cfg)            # torchrun / srun / submitit tasks: every rank trains rank 0's config
     out = Path(cfg.paths.output_dir)
-    # -- fault tolerance (vitlab/lit/fault.py): the run directory takes a write, a killed save's temporary files go,
+    # -- fault tolerance (vitlab/lit/fault/): the run directory takes a write, a killed save's temporary files go,
     # and the checkpoint to start from is decided (ckpt_path=auto; a preempted run resumes by itself)
     from vitlab.lit import fault
 
@@ -48,8 +48,7 @@ def train(cfg: DictConfig) -> dict:
         run = build_run(cfg)
     except (DatasetNotFoundError, FileNotFoundError, DataConfigError) as e:
         fail(str(e))
-    except (ValueError, TypeError, InstantiationException) as e:    # a value a builder refused (it names the key
-        # and the fix), or a key a constructor does not take (``+task.foo=1``)
+    except (ValueError, InstantiationException) as e:    # a value a builder refused (it names the key and the fix)
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         fail(f"{cause} (while building the run)")
     try:

@@ -88,8 +88,8 @@ class MultiLabelFileList(FileList):
             for line in file.read_text(encoding="utf-8").splitlines():
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
-                path, _, rest = line.strip().partition(" ")
-                out.append((path, rest.split()))
+                path, *labels = line.split()
+                out.append((path, labels))
             return out
         return [(p, self._split_labels(v)) for p, v in super()._read(split)]
 

@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.callbacks.progress import ProgressBar
 
 from vitlab.backbones.base import KIND_TEXT, kind_of
-from vitlab.checkpoints import is_vitlab_checkpoint, read_checkpoint, upgrade_config
+from vitlab.checkpoints import is_vitlab_checkpoint, read_checkpoint, read_meta, upgrade_config
 from vitlab.data import DataSource
 from vitlab.data.base import DataConfigError, DataInfo
 from vitlab.layers.attention import set_backend as set_attention_backend
@@ -111,8 +111,14 @@ def build_recipe(cfg: DictConfig, data: DataInfo) -> Recipe:
     backbone = instantiate(cfg.backbone, _convert_="all", **task_cls.backbone_options(task_opts, data),
                            **recipe_cls.backbone_options(recipe_opts))
     context = BuildContext(load_model=load_model)
-    task = task_cls.from_data(task_opts, data, backbone, context)
-    recipe = recipe_cls.from_config(recipe_opts, backbone, task, context)
+    try:
+        task = task_cls.from_data(task_opts, data, backbone, context)
+    except TypeError as e:            # an option the task does not take (+task.foo=1), as Hydra reported it
+        raise ValueError(f"task={task_cls.kind} ({cfg.task._target_}): {e}") from e
+    try:
+        recipe = recipe_cls.from_config(recipe_opts, backbone, task, context)
+    except TypeError as e:
+        raise ValueError(f"recipe {cfg.recipe._target_}: {e}") from e
     if cfg.get("weights"):
         load_weights(recipe, cfg.weights)
     return recipe
@@ -378,7 +384,7 @@ def build_run(cfg: DictConfig) -> Run:
         log.info("model: %s", what)
     wandb_id = None
     if cfg.get("ckpt_path"):
-        wandb_id = read_checkpoint(cfg.ckpt_path)["vitlab"].get("wandb_run_id")
+        wandb_id = read_meta(cfg.ckpt_path).get("wandb_run_id")
     trainer = build_trainer(cfg, derived, wandb_id, monitor=(recipe.monitor, recipe.monitor_mode),
                             find_unused_parameters=recipe.task.find_unused_parameters)
     for lg in trainer.loggers:

@@ -153,15 +153,21 @@ class VitlabModule(pl.LightningModule):
     def _eval_epoch_end(self, split: str, metrics: Any) -> None:
         """The task's epoch metrics (val/top1, val/map, val/miou, ...). torchmetrics gathers every rank's state in
         compute(), so each rank logs the same global value."""
-        if id(metrics) not in self._updated:
+        updated = id(metrics) in self._updated
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:       # compute() is a collective: all ranks or none
+            updated = bool(trainer.strategy.reduce(torch.tensor(float(updated), device=self.device),
+                                                   reduce_op="sum") > 0)
+        if not updated:
             return
         values = self.eval_recipe().task.compute_metrics(metrics)
         metrics.reset()
         self._updated.discard(id(metrics))
-        main = self.recipe.monitor.rpartition("/")[2] if self.recipe.monitor else None
+        task = self.recipe.task
+        shown = set(task.progress_metrics) or {task.monitor.rpartition("/")[2]}
         for k, v in values.items():
             self.log(f"{split}/{k}", v.to(self.device) if torch.is_tensor(v) else float(v), on_epoch=True,
-                     prog_bar=split == "val" and k == main, sync_dist=False)
+                     prog_bar=split == "val" and k in shown, sync_dist=False)
 
     def on_validation_epoch_start(self) -> None:
         self.eval_recipe().task.on_evaluation_start()

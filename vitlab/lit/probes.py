@@ -105,6 +105,13 @@ class KNNMonitor(PeriodicMetrics):
                             "turn it off with callbacks.knn_monitor=null", type(dm).__name__)
                 self._warned_no_loader = True
             return
+        source = getattr(dm, "source", None)
+        if source is not None and source.label_kind != "class":
+            if not self._warned_no_loader:
+                log.warning("kNN monitor: %s's labels are not one class per image (%s labels); the monitor is "
+                            "skipped", source.name, source.label_kind)
+                self._warned_no_loader = True
+            return
         metrics, seconds, n_train, n_val = self.evaluate(trainer, pl_module, loader_fn)
         self._fresh_epoch = trainer.current_epoch
         for name, value in metrics.items():

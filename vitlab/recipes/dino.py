@@ -384,6 +384,10 @@ class DINO(Recipe):
         return {"loss": self.dino_loss(self.student_forward(crops), self.teacher_forward(crops[:2]), epoch)}
 
     # -------------------------------------------------------- evaluation ---
+    def fsdp_units(self) -> list[nn.Module]:
+        """The student's blocks and the EMA teacher's (each its own FSDP unit, as the student's)."""
+        return super().fsdp_units() + list(self.teacher_backbone.fsdp_units())
+
     def eval_backbone(self) -> nn.Module:
         """DINO evaluates (and exports) the teacher's backbone."""
         return self.teacher_backbone

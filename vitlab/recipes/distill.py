@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.checkpoints import NotACheckpointError
+from vitlab.checkpoints import is_vitlab_checkpoint
 from vitlab.recipes.base import LRScaling
 from vitlab.recipes.supervised import Supervised
 
@@ -133,13 +133,12 @@ def load_teacher(path: str, teacher_model: Optional[str], num_classes: int, in_c
     if not Path(str(path)).is_file():
         raise FileNotFoundError(f"recipe.teacher={path} does not exist; give a vitlab checkpoint (a run's "
                                 "checkpoints/best.ckpt) or a timm weights file with recipe.teacher_model=NAME")
-    if teacher_model:
+    if not is_vitlab_checkpoint(path):                  # a vitlab checkpoint first, else timm weights
+        if not teacher_model:
+            raise ValueError(f"recipe.teacher={path} is not a vitlab checkpoint; name its timm architecture with "
+                             "recipe.teacher_model=NAME (e.g. resnet50)")
         return load_timm_teacher(path, teacher_model, num_classes, in_chans)
-    try:
-        loaded = load_model(path)
-    except NotACheckpointError:
-        raise ValueError(f"recipe.teacher={path} is not a vitlab checkpoint; name its timm architecture with "
-                         "recipe.teacher_model=NAME (e.g. resnet50)") from None
+    loaded = load_model(path)
     if loaded.data.num_classes != num_classes:
         raise ValueError(f"the teacher {path} predicts {loaded.data.num_classes} classes but this dataset has "
                          f"{num_classes}; distil from a teacher trained on the same classes")

@@ -32,6 +32,7 @@ Declared attributes
 ``pretrainable``            self-supervised recipes and distillation may train with it (they freeze the task and
                             read images and labels only; dense targets do not fit them).
 ``curve_metrics``           the epoch metrics (without ``val/``) drawn in the run's curves.png, headline first.
+``progress_metrics``        the validation metrics shown on the progress bar (empty: the task's monitor only).
 ``draws_samples``           a generative task: :meth:`sample_rows` draws pictures of samples during training
                             (the ``diffusion_samples`` callback) and for ``vitlab-sample``.
 
@@ -111,6 +112,7 @@ class Task(nn.Module):
     pretrainable: ClassVar[bool] = False
     draws_samples: ClassVar[bool] = False
     curve_metrics: ClassVar[tuple[str, ...]] = ()
+    progress_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                  class_names: Optional[Sequence[str]] = None):

@@ -66,6 +66,7 @@ class ClassificationTask(Task):
     monitor = "val/top1"
     monitor_mode = "max"
     curve_metrics = ("top1", "top5")
+    progress_metrics = ("top1", "top5")
     lr_base_batch = 256              # recipe.lr_base_batch=auto: the batch optim.lr is quoted for (DeiT's rule)
     pretrainable = True              # MAE / SimMIM / DINO / distillation train the backbone beside this task
 

@@ -51,6 +51,12 @@ class SampleJudge:
 def load_judge(path: str, num_classes: int, load_model: Callable[[str], LoadedModel]) -> SampleJudge:
     """The vitlab classifier checkpoint at ``path`` (its EMA weights when it kept them) as the judge; it must be a
     trained classifier (not a pretraining or another task's checkpoint) of the same ``num_classes``."""
+    from vitlab.checkpoints import is_vitlab_checkpoint
+
+    if not is_vitlab_checkpoint(path):
+        raise FileNotFoundError(f"task.classifier={path} is not a vitlab checkpoint; train a classifier on the same "
+                                "data first (e.g. vitlab-train experiment=vit_mnist) and give its "
+                                "checkpoints/best.ckpt")
     loaded = load_model(path)
     model, data = loaded.recipe, loaded.data
     task: Any = model.task

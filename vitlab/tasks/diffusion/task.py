@@ -13,7 +13,7 @@ Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT, ICCV 2023), w
 - evaluation (:mod:`vitlab.metrics.generative`): the validation loss at fixed noise, and for generated samples the
   accuracy per class under a vitlab classifier trained on the real data, FID / KID when configured.
 
-The task follows the dense-task interface (:mod:`vitlab.tasks.base`): it is handed the denoiser (the backbone,
+The task implements the Task contract (:mod:`vitlab.tasks.base`): it is handed the denoiser (the backbone,
 ``model(x, t, y) -> prediction``) and the batch. The data reaches it normalised with the dataset's mean and std;
 the task maps it to [-1, 1] (``to_model_space``), where the objectives work, and samples back to [0, 1].
 Sampling for pictures and metrics uses the weights the Lightning module evaluates: the EMA copy, which
